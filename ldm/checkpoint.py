@@ -1,0 +1,434 @@
+"""Safe reading and writing of Stable Diffusion weights.
+
+* Single files (`.safetensors`, or `.ckpt`/`.pt`/`.pth`/`.bin` through
+  `torch.load(weights_only=True)`: a checkpoint never runs code).
+* diffusers folders (`unet/config.json` + `unet/diffusion_pytorch_model.*`).
+* Config detection from tensor shapes, the CompVis <-> diffusers key map, and
+  export to a diffusers folder / single file.
+
+Loading is strict: a missing, unexpected or mis-shaped tensor is a ValueError
+naming the key, never a silently half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ldm.unet import UNet, UNetConfig
+
+UNET_PREFIX = "model.diffusion_model."
+SAFETENSORS_SUFFIXES = {".safetensors"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a single file (or only those under `prefix`), read without running any code."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; pass the path of a .safetensors or .ckpt checkpoint")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; read_state_dict takes a single checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES or (suffix not in PICKLE_SUFFIXES and not zipfile.is_zipfile(path)):
+        return _read_safetensors(path, prefix)
+    return _read_pickle(path, prefix)
+
+
+def _read_safetensors(path: Path, prefix: str | None) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = [k for k in f.keys() if prefix is None or k.startswith(prefix)]
+            return {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({e}); the file may be truncated or not a checkpoint — "
+            "download it again or pass a .safetensors/.ckpt Stable Diffusion checkpoint"
+        ) from None
+
+
+def _read_pickle(path: Path, prefix: str | None) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only=True: the unpickler only rebuilds tensors and plain containers, so a
+        # malicious pickle cannot execute code; anything else is refused.
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e).strip() else ""
+        if "global" in reason.lower():
+            name = m.group(1) if (m := re.search(r"GLOBAL (\S+)", reason)) else "a Python object"
+            raise ValueError(
+                f"{path}: refused to load — the pickle calls {name}, which may run code; only tensors are "
+                "accepted. Use a .safetensors version of this checkpoint"
+            ) from None
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint (pickle: {reason or type(e).__name__}); "
+            "the file may be truncated or not a checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "the file may be truncated or not a checkpoint"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning checkpoints nest the weights
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and (prefix is None or k.startswith(prefix))}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# --------------------------------------------------------------------------- U-Net tensors of a single file
+
+
+def extract_unet_state_dict(sd: dict[str, torch.Tensor], ema: bool = True, source: str = "checkpoint") -> dict:
+    """The `model.diffusion_model.*` tensors, prefix removed; the EMA copy when present and `ema`.
+
+    The original training code keeps EMA weights as `model_ema.<name without dots>` and uses them
+    for sampling; a pruned "emaonly" file already stores them under model.diffusion_model.
+    """
+    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    if not unet:
+        if any(k.startswith(("input_blocks.", "middle_block.")) for k in sd):
+            return dict(sd)  # already a bare U-Net state dict
+        raise ValueError(
+            f"{source}: no U-Net tensors (no key starts with '{UNET_PREFIX}'); "
+            "this is not a Stable Diffusion checkpoint, or holds only a VAE/text encoder"
+        )
+    if ema:
+        ema_keys = {k: "model_ema." + ("diffusion_model." + k).replace(".", "") for k in unet}
+        if all(v in sd for v in ema_keys.values()):
+            unet = {k: sd[ema_keys[k]] for k in unet}
+    return unet
+
+
+# --------------------------------------------------------------------------- config detection
+
+
+def detect_unet_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> UNetConfig:
+    """Rebuild the UNetConfig of a CompVis-layout U-Net state dict from its tensor shapes.
+
+    Head count is the one thing shapes cannot tell: SD1 (768-wide CLIP context) uses 8 heads,
+    SD2 (1024-wide OpenCLIP context) 64-wide heads, as the original configs and diffusers do.
+    GroupNorm's group count cannot be read off shapes either: 32, as in every SD model.
+    """
+
+    def need(key):
+        if key not in sd:
+            raise ValueError(f"{source}: U-Net tensor '{key}' is missing; cannot detect the model configuration")
+        return sd[key]
+
+    conv_in = need("input_blocks.0.0.weight")
+    model_channels, in_channels = conv_in.shape[0], conv_in.shape[1]
+    out_channels = need("out.2.weight").shape[0]
+    n_input = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k)))
+    downs = sorted(int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
+    num_res_blocks = (downs[0] - 1) if downs else n_input - 1
+    n_levels = len(downs) + 1
+    if n_input != 1 + n_levels * num_res_blocks + len(downs):
+        raise ValueError(f"{source}: input_blocks layout ({n_input} blocks) does not match a Stable Diffusion U-Net")
+    channel_mult, attention_levels = [], []
+    for level in range(n_levels):
+        i = 1 + level * (num_res_blocks + 1)
+        width = need(f"input_blocks.{i}.0.out_layers.3.weight").shape[0]
+        if width % model_channels:
+            raise ValueError(f"{source}: level {level} width {width} is not a multiple of {model_channels}")
+        channel_mult.append(width // model_channels)
+        if f"input_blocks.{i}.1.norm.weight" in sd:
+            attention_levels.append(level)
+    st = "middle_block.1."
+    to_k = need(st + "transformer_blocks.0.attn2.to_k.weight")
+    context_dim = to_k.shape[1]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(st) + r"transformer_blocks\.(\d+)\.", k)))
+    use_linear = need(st + "proj_in.weight").ndim == 2
+    heads = dict(num_heads=None, head_dim=64) if context_dim >= 1024 else dict(num_heads=8, head_dim=None)
+    return UNetConfig(
+        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+        channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks, attention_levels=tuple(attention_levels),
+        context_dim=context_dim, transformer_depth=depth, use_linear_projection=use_linear, **heads,
+    )
+
+
+# --------------------------------------------------------------------------- CompVis <-> diffusers names
+
+
+def _prefix_map(c: UNetConfig) -> list[tuple[str, str]]:
+    """(CompVis module prefix, diffusers module prefix) pairs; leaf names inside them are shared
+    except in ResBlocks (see _RESNET_LEAVES)."""
+    nrb, levels = c.num_res_blocks, len(c.channel_mult)
+    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
+             ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
+             ("middle_block.2.", "mid_block.resnets.1.")]
+    for level in range(levels):
+        for j in range(nrb):
+            i = 1 + level * (nrb + 1) + j
+            pairs.append((f"input_blocks.{i}.0.", f"down_blocks.{level}.resnets.{j}."))
+            if level in c.attention_levels:
+                pairs.append((f"input_blocks.{i}.1.", f"down_blocks.{level}.attentions.{j}."))
+        if level != levels - 1:
+            pairs.append((f"input_blocks.{1 + level * (nrb + 1) + nrb}.0.op.", f"down_blocks.{level}.downsamplers.0.conv."))
+    for up in range(levels):  # diffusers' up_blocks.0 is the deepest level
+        level = levels - 1 - up
+        for j in range(nrb + 1):
+            i = up * (nrb + 1) + j
+            pairs.append((f"output_blocks.{i}.0.", f"up_blocks.{up}.resnets.{j}."))
+            has_attn = level in c.attention_levels
+            if has_attn:
+                pairs.append((f"output_blocks.{i}.1.", f"up_blocks.{up}.attentions.{j}."))
+            if level and j == nrb:
+                pairs.append((f"output_blocks.{i}.{2 if has_attn else 1}.conv.", f"up_blocks.{up}.upsamplers.0.conv."))
+    return pairs
+
+
+_RESNET_LEAVES = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
+                  "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}
+
+
+def diffusers_key_map(config: UNetConfig) -> dict[str, str]:
+    """Every parameter name of UNet(config) -> its name in diffusers' UNet2DConditionModel."""
+    with torch.device("meta"):
+        keys = list(UNet(config).state_dict())
+    pairs = sorted(_prefix_map(config), key=lambda p: -len(p[0]))
+    out = {}
+    for key in keys:
+        for ours, theirs in pairs:
+            if key.startswith(ours):
+                rest = key[len(ours):]
+                if ".resnets." in theirs:
+                    leaf = next((lf for lf in _RESNET_LEAVES if rest.startswith(lf)), None)
+                    assert leaf is not None, key
+                    rest = _RESNET_LEAVES[leaf] + rest[len(leaf):]
+                out[key] = theirs + rest
+                break
+        else:
+            raise AssertionError(f"no diffusers name for {key}")
+    return out
+
+
+def unet_to_diffusers_state_dict(sd: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
+    kmap = diffusers_key_map(config)
+    check_state_dict(sd, {k: None for k in kmap}, source="U-Net state dict")
+    return {kmap[k]: v for k, v in sd.items()}
+
+
+def unet_from_diffusers_state_dict(sd: dict[str, torch.Tensor], config: UNetConfig,
+                                   source: str = "diffusers state dict") -> dict[str, torch.Tensor]:
+    inverse = {v: k for k, v in diffusers_key_map(config).items()}
+    unexpected = [k for k in sd if k not in inverse]
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) for this U-Net config")
+    return {inverse[k]: v for k, v in sd.items()}
+
+
+def unet_config_to_diffusers(c: UNetConfig) -> dict:
+    heads = [c.heads_at(c.model_channels * m)[0] for m in c.channel_mult]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 64,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "block_out_channels": [c.model_channels * m for m in c.channel_mult],
+        "down_block_types": ["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D"
+                             for i in range(len(c.channel_mult))],
+        "up_block_types": ["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D"
+                           for i in reversed(range(len(c.channel_mult)))],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "layers_per_block": c.num_res_blocks,
+        "cross_attention_dim": c.context_dim,
+        # diffusers' historical name: "attention_head_dim" holds the number of heads per block
+        "attention_head_dim": heads,
+        "transformer_layers_per_block": c.transformer_depth,
+        "use_linear_projection": c.use_linear_projection,
+        "norm_num_groups": c.norm_groups,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "center_input_sample": False,
+        "downsample_padding": 1,
+        "upcast_attention": c.head_dim is not None,
+    }
+
+
+def unet_config_from_diffusers(d: dict, source: str = "config.json") -> UNetConfig:
+    """Our UNetConfig from a diffusers UNet2DConditionModel config.json dict; refuses what we do not build."""
+    blocks = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
+    mc = blocks[0]
+    if any(b % mc for b in blocks):
+        raise ValueError(f"{source}: block_out_channels {blocks} are not multiples of the first one")
+    for key, ok in [("center_input_sample", False), ("flip_sin_to_cos", True), ("freq_shift", 0),
+                    ("act_fn", "silu"), ("class_embed_type", None), ("addition_embed_type", None),
+                    ("encoder_hid_dim", None), ("time_embedding_type", "positional"), ("resnet_time_scale_shift", "default"),
+                    ("only_cross_attention", False), ("dual_cross_attention", False), ("conv_in_kernel", 3),
+                    ("conv_out_kernel", 3), ("time_cond_proj_dim", None), ("num_class_embeds", None)]:
+        val = d.get(key, ok)
+        if isinstance(val, list) and key == "only_cross_attention":
+            val = any(val)
+        if val != ok:
+            raise ValueError(f"{source}: {key}={val!r} is not a Stable Diffusion 1.x/2.x U-Net (expected {ok!r})")
+    down = d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    attention_levels = tuple(i for i, t in enumerate(down) if "CrossAttn" in t)
+    depth = d.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):
+        if len(set(depth)) != 1:
+            raise ValueError(f"{source}: per-level transformer_layers_per_block {depth} is not supported")
+        depth = depth[0]
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(blocks)
+    widths = [b // h for b, h in zip(blocks, heads)]
+    if len(set(heads)) == 1:
+        head_args = dict(num_heads=heads[0], head_dim=None)
+    elif len(set(widths)) == 1:
+        head_args = dict(num_heads=None, head_dim=widths[0])
+    else:
+        raise ValueError(f"{source}: attention heads {heads} are neither a fixed count nor a fixed width")
+    cross = d.get("cross_attention_dim", 768)
+    if isinstance(cross, (list, tuple)):
+        cross = cross[0]
+    return UNetConfig(
+        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=mc,
+        channel_mult=tuple(b // mc for b in blocks), num_res_blocks=d.get("layers_per_block", 2),
+        attention_levels=attention_levels, context_dim=cross, transformer_depth=depth,
+        use_linear_projection=bool(d.get("use_linear_projection", False)), norm_groups=d.get("norm_num_groups", 32),
+        **head_args,
+    )
+
+
+# --------------------------------------------------------------------------- strict loading
+
+
+def check_state_dict(sd: dict, expected: dict, source: str) -> None:
+    """ValueError naming the first missing, unexpected or mis-shaped key (shapes checked when given)."""
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all); "
+                         "the checkpoint is incomplete or for another model type")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all); "
+                         "the checkpoint is for another model configuration — pass the right config")
+    for k, shape in expected.items():
+        if shape is not None and tuple(sd[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: tensor '{k}' has shape {tuple(sd[k].shape)}, the model expects "
+                             f"{tuple(shape)}; the checkpoint does not match the configuration")
+
+
+def build_unet(config: UNetConfig, sd: dict[str, torch.Tensor], source: str,
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UNet:
+    """UNet(config) holding exactly the tensors of `sd` (strict, every shape checked)."""
+    with torch.device("meta"):
+        unet = UNet(config)
+    check_state_dict(sd, {k: v.shape for k, v in unet.state_dict().items()}, source)
+    dtype = dtype or next(iter(sd.values())).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    sd = {k: v.to(device=device or "cpu", dtype=dtype) for k, v in sd.items()}
+    unet.load_state_dict(sd, strict=True, assign=True)
+    return unet.eval()
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def stored_unet_config(path: Path) -> UNetConfig | None:
+    """The UNetConfig that ldm stores in the metadata of the safetensors files it writes."""
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    if "ldm_unet_config" not in meta:
+        return None
+    try:
+        return UNetConfig.from_dict(json.loads(meta["ldm_unet_config"]))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: stored ldm_unet_config metadata is invalid ({e})") from None
+
+
+def _find_diffusers_unet_folder(path: Path) -> Path | None:
+    for folder in (path / "unet", path):
+        if (folder / "config.json").is_file() and any((folder / n).is_file() for n in DIFFUSERS_WEIGHT_NAMES):
+            return folder
+    return None
+
+
+def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, *, ema: bool = True,
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UNet:
+    """The U-Net of a single-file SD checkpoint or a diffusers folder, in eval mode.
+
+    config: overrides the one detected from shapes / read from config.json.
+    ema: prefer the EMA weights of a single file that holds both (as the original code samples).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: not found; pass a .safetensors/.ckpt Stable Diffusion checkpoint or a diffusers folder"
+        )
+    if path.is_dir():
+        folder = _find_diffusers_unet_folder(path)
+        if folder is None:
+            raise ValueError(f"{path}: not a diffusers model folder (expected unet/config.json and "
+                             f"unet/{DIFFUSERS_WEIGHT_NAMES[0]})")
+        try:
+            diffusers_cfg = json.loads((folder / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+        config = config or unet_config_from_diffusers(diffusers_cfg, source=str(folder / "config.json"))
+        weights = next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file())
+        sd = unet_from_diffusers_state_dict(read_state_dict(weights), config, source=str(weights))
+        return build_unet(config, sd, str(weights), device, dtype)
+    sd = extract_unet_state_dict(read_state_dict(path), ema=ema, source=str(path))
+    config = config or stored_unet_config(path) or detect_unet_config(sd, source=str(path))
+    return build_unet(config, sd, str(path), device, dtype)
+
+
+def save_unet_diffusers(unet: UNet, folder: str | os.PathLike) -> Path:
+    """Write `folder/config.json` + `folder/diffusion_pytorch_model.safetensors` for
+    diffusers' UNet2DConditionModel.from_pretrained(folder)."""
+    folder = Path(folder)
+    sd = unet_to_diffusers_state_dict(unet.state_dict(), unet.config)
+    save_safetensors(sd, folder / DIFFUSERS_WEIGHT_NAMES[0], metadata={"format": "pt"})
+    cfg = unet_config_to_diffusers(unet.config)
+    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    return folder
+
+
+def save_unet_single_file(unet: UNet, path: str | os.PathLike, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Original layout (`model.diffusion_model.*`), optionally with other tensors (VAE, text encoder)."""
+    tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    tensors.update(extra or {})
+    save_safetensors(tensors, path, metadata={"ldm_unet_config": json.dumps(unet.config.to_dict())})
+    return Path(path)

@@ -1,0 +1,374 @@
+"""The Stable Diffusion conditional U-Net, written to be read top to bottom.
+
+Module attribute names reproduce the original CompVis `openaimodel.py` ones
+(`input_blocks.1.1.transformer_blocks.0.attn2.to_k`, placeholders such as
+`out_layers.2` Dropout included), so the `model.diffusion_model.*` tensors of any
+SD 1.x / 2.x checkpoint load with `load_state_dict(strict=True)` and no renaming.
+
+Shape notation: B batch, C channels, H/W latent height/width, L = H*W tokens,
+T text tokens, D context (text embedding) width, nh heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class UNetConfig:
+    """Everything needed to build a UNet; stored with every checkpoint we write."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) with a SpatialTransformer
+    num_heads: int | None = 8  # fixed head count (SD1) ...
+    head_dim: int | None = None  # ... or fixed head width (SD2); exactly one is set
+    context_dim: int = 768
+    transformer_depth: int = 1
+    use_linear_projection: bool = False  # SD2: Linear proj_in/proj_out instead of 1x1 convs
+    norm_groups: int = 32
+    dropout: float = 0.0
+    extra: dict = field(default_factory=dict)  # free-form metadata (e.g. prediction type), never read by the model
+
+    def __post_init__(self):
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.attention_levels = tuple(int(a) for a in self.attention_levels)
+        if (self.num_heads is None) == (self.head_dim is None):
+            raise ValueError("UNetConfig: set exactly one of num_heads (SD1 style) or head_dim (SD2 style)")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"UNetConfig: channel_mult must be positive integers, got {self.channel_mult}")
+        bad = [a for a in self.attention_levels if not 0 <= a < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"UNetConfig: attention_levels {bad} outside 0..{len(self.channel_mult) - 1}")
+        for ch in {self.model_channels * m for m in self.channel_mult}:
+            if ch % self.norm_groups:
+                raise ValueError(f"UNetConfig: channel width {ch} is not divisible by norm_groups={self.norm_groups}")
+            if self.num_heads is not None and ch % self.num_heads:
+                raise ValueError(f"UNetConfig: channel width {ch} is not divisible by num_heads={self.num_heads}")
+            if self.head_dim is not None and ch % self.head_dim:
+                raise ValueError(f"UNetConfig: channel width {ch} is not divisible by head_dim={self.head_dim}")
+
+    @classmethod
+    def sd15(cls) -> UNetConfig:
+        """Stable Diffusion 1.x (CLIP ViT-L/14 context, 8 heads everywhere)."""
+        return cls()
+
+    @classmethod
+    def sd21(cls) -> UNetConfig:
+        """Stable Diffusion 2.x (OpenCLIP ViT-H/14 context, 64-wide heads, linear projections)."""
+        return cls(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head width) of the attention at a given channel width."""
+        if self.num_heads is not None:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.head_dim, self.head_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"UNetConfig: unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal timestep features [cos | sin] (Vaswani et al. 2017, as in DDPM). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (as the original code), cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the timestep embedding added in between, plus a skip path."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)  # (B, C) -> (B, C, 1, 1)
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; self-attention when no context is given."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, L, _ = x.shape
+        nh = self.heads
+        q = self.to_q(x).view(B, L, nh, -1).transpose(1, 2)  # (B, nh, L, hd)
+        k = self.to_k(context).view(B, context.shape[1], nh, -1).transpose(1, 2)  # (B, nh, T, hd)
+        v = self.to_v(context).view(B, context.shape[1], nh, -1).transpose(1, 2)  # (B, nh, T, hd)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v: (B, nh, L, hd)
+        out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh*hd)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): one projection to 2x width, half of it gates the other."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the text, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, head_dim, dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.ff(self.norm3(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Image features -> tokens, transformer blocks conditioned on the text, -> image features (residual)."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int,
+                 groups: int, use_linear: bool, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth)]
+        )
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, C, H, W) -> (B, L, C)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, L, C) -> (B, C, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # `size` is the next skip's size, so latents whose side is not a multiple of
+        # 2**levels still line up (the original code would fail; diffusers does the same).
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.ModuleList):
+    """A list of layers, each given what it needs (time embedding, text context or target size)."""
+
+    def forward(self, x, emb, context, upsample_size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """unet(x, t, context) -> prediction (epsilon or v, whatever the weights were trained for).
+
+    x: (B, in_channels, H, W) latents, t: (B,) or scalar timesteps, context: (B, T, context_dim).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        self.gradient_checkpointing = False
+        mc, groups = c.model_channels, c.norm_groups
+        emb_ch = mc * 4
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, hd = c.heads_at(ch)
+            return SpatialTransformer(ch, heads, hd, c.transformer_depth, c.context_dim, groups,
+                                      c.use_linear_projection, c.dropout)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, mc, 3, padding=1)])])
+        skip_channels = [mc]
+        ch = mc
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, emb_ch, mc * mult, groups, c.dropout)]
+                ch = mc * mult
+                if level in c.attention_levels:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential([
+            ResBlock(ch, emb_ch, ch, groups, c.dropout),
+            transformer(ch),
+            ResBlock(ch, emb_ch, ch, groups, c.dropout),
+        ])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mc * mult, groups, c.dropout)]
+                ch = mc * mult
+                if level in c.attention_levels:
+                    layers.append(transformer(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(layers))
+
+        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(mc, c.out_channels, 3, padding=1))
+
+    def _run(self, block: TimestepEmbedSequential, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        emb = timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype)
+        emb = self.time_embed(emb)  # (B, 4*model_channels)
+
+        h = x.to(self.input_blocks[0][0].weight.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # skip concatenation along channels
+            # an upsampling block must reach the size of the skip it will meet next
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = self._run(block, h, emb, context, size)
+        return self.out(h)
+
+
+@torch.no_grad()
+def random_weights_(module: nn.Module, seed: int = 0, scale: float = 1.0) -> nn.Module:
+    """Fill every parameter with seeded random values (for parity tests and benchmarks).
+
+    Matrices/kernels get uniform values of variance scale**2/fan_in so activations stay O(1)
+    through the whole net (uniform: twice as fast to draw as normal at 860M parameters);
+    vectors (biases, norm affines) get 0.1-scale noise around their usual value. Works on
+    modules built on the `meta` device (materialized on CPU first).
+    """
+    if any(p.is_meta for p in module.parameters()):
+        module.to_empty(device="cpu")
+    g = torch.Generator("cpu").manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            bound = math.sqrt(3.0) * scale / math.sqrt(p[0].numel())  # std = scale / sqrt(fan_in)
+            p.uniform_(-bound, bound, generator=g)
+        else:
+            base = 1.0 if name.endswith("weight") else 0.0  # norm gains around 1, biases around 0
+            p.uniform_(base - 0.17, base + 0.17, generator=g)
+    return module

@@ -1,0 +1,40 @@
+"""scripts/compare_diffusers.py on small checkpoints: diffusers loads them its own way, outputs agree."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from conftest import tiny_sd1_config, tiny_sd2_config
+from ldm.checkpoint import save_unet_diffusers
+from ldm.unet import UNet, random_weights_
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import compare_diffusers  # noqa: E402
+
+
+def _max_diff(out: str) -> float:
+    return float(re.search(r"max \|diff\|\s+(\S+)", out).group(1))
+
+
+def test_single_file_and_folder(tmp_path, capsys):
+    # 8 heads and 32 norm groups: what config detection assumes for a < 1024-wide context
+    unet = random_weights_(UNet(tiny_sd1_config(num_heads=8, norm_groups=32)), seed=0)
+    save_file({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}, tmp_path / "m.safetensors")
+    assert compare_diffusers.main(["--weights", str(tmp_path / "m.safetensors"), "--height", "64", "--width", "64"]) == 0
+    out = capsys.readouterr().out
+    assert _max_diff(out) <= 1e-5
+
+    folder = save_unet_diffusers(random_weights_(UNet(tiny_sd2_config()), seed=1), tmp_path / "pipe" / "unet")
+    assert compare_diffusers.main(["--weights", str(folder.parent), "--height", "48", "--width", "64"]) == 0
+    assert _max_diff(capsys.readouterr().out) <= 1e-5
+
+
+def test_bad_input_exit_codes(tmp_path, capsys):
+    assert compare_diffusers.main(["--weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors: not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        compare_diffusers.main(["--height", "500"])
+    assert e.value.code == 2
