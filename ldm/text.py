@@ -1,0 +1,351 @@
+"""CLIP tokenizer + text encoder: prompts -> cross-attention context (B, 77*k, dim).
+
+SD1.x conditions on the last layer of OpenAI CLIP ViT-L/14's text tower (768 wide);
+SD2.x on the penultimate layer of OpenCLIP ViT-H/14's (1024 wide). Both run through
+transformers' `CLIPTextModel` and share one tokenizer (the 49408-token CLIP BPE,
+shipped in ldm/assets/tokenizer/).
+
+Conventions
+-----------
+* clip_skip: ours counts from the end, 1 = the model's own output
+  (`last_hidden_state`), N = hidden_states[-N] then `final_layer_norm`. diffusers'
+  `encode_prompt(clip_skip=k)` uses hidden_states[-(k+1)], so ours = diffusers' + 1
+  and diffusers' None = our 1. The "clip skip 2" of popular web UIs is our 2.
+  diffusers applies clip_skip to the prompt only, never to the negative prompt;
+  `encode_with_negative(..., negative_clip_skip=1)` reproduces that.
+* SD2: the original code (FrozenOpenCLIPEmbedder, layer="penultimate") runs all but
+  the last of the 24 resblocks, then `ln_final`. Like diffusers' SD2 text_encoder
+  (num_hidden_layers=23), `text_encoder_from_single_file(..., "sd2")` builds 23
+  layers and drops the last resblock, so clip_skip=1 is SD2's native context.
+* Padding: SD1 pads with <|endoftext|> (49407). SD2's original code pads with id 0
+  ("!"), and diffusers' SD2 tokenizer folders say pad_token "!" (special_tokens_map.json).
+  The shipped tokenizer pads like SD1; use `load_tokenizer(pad_token="!")` for SD2
+  single files. Pad positions are part of the context, so this changes SD2 images.
+* Long prompts are not truncated: tokens are cut into chunks of 75, each wrapped as
+  [BOS] + chunk + [EOS] + padding to 77, encoded independently and concatenated along
+  the sequence (as popular web UIs do). A prompt of <= 75 tokens gives exactly the
+  ids and embeddings of diffusers. Prompts and negative prompts of one call are
+  padded to the same number of chunks with empty-prompt chunks.
+* Text normalisation is transformers' CLIPTokenizer (NFC, whitespace, lower case).
+  It does not run ftfy/html-unescape as OpenAI CLIP's SimpleTokenizer does, so ids
+  differ from the original code for inputs such as "&amp;", curly quotes, ligatures
+  or full-width letters; they equal diffusers' ids everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "tokenizer"
+CONTEXT_LENGTH = 77  # CLIP's positions: BOS + 75 tokens + EOS
+CHUNK_TOKENS = CONTEXT_LENGTH - 2
+KINDS = ("sd1", "sd2")
+
+# Prefix of the text encoder inside a single-file SD checkpoint.
+SD1_PREFIX = "cond_stage_model.transformer."  # HF CLIP layout (transformers' CLIPTextModel)
+SD2_PREFIX = "cond_stage_model.model."  # OpenCLIP layout
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str | Path | None = None, *, pad_token: str | None = None) -> CLIPTokenizer:
+    """CLIP tokenizer from the shipped files (path=None) or a diffusers `tokenizer/` folder.
+
+    pad_token: None keeps the folder's choice (shipped: "<|endoftext|>", SD1);
+    "!" (id 0) pads as the original SD2 code and diffusers' SD2 folders do.
+    """
+    folder = TOKENIZER_DIR if path is None else Path(path)
+    if not (folder / "vocab.json").is_file() and (folder / "tokenizer" / "vocab.json").is_file():
+        folder = folder / "tokenizer"  # a whole diffusers model folder
+    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+        raise FileNotFoundError(
+            f"{folder} has no vocab.json/merges.txt; pass a diffusers tokenizer/ folder or None "
+            "for the shipped files (rebuild them with scripts/make_tokenizer_assets.py)"
+        )
+    kwargs = {} if pad_token is None else {"pad_token": pad_token}
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    if len(tokenizer) < 49408 or tokenizer.bos_token_id != 49406 or tokenizer.eos_token_id != 49407:
+        raise ValueError(f"{folder} is not the CLIP tokenizer (vocab {len(tokenizer)}, "
+                         f"bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id})")
+    return tokenizer
+
+
+def count_chunks(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> int:
+    """Number of 77-token chunks the longest prompt needs (at least 1)."""
+    ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False).input_ids
+    return max([1] + [math.ceil(len(t) / CHUNK_TOKENS) for t in ids])
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str], num_chunks: int | None = None) -> torch.Tensor:
+    """Token ids (B, k, 77): each prompt cut into chunks of 75 tokens, each chunk
+    [BOS] + tokens + [EOS] + [PAD]...; k = num_chunks or what the longest prompt needs.
+    Missing chunks of shorter prompts are empty-prompt chunks [BOS, EOS, PAD, ...]."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, e.g. [prompt]")
+    ids = tokenizer(list(prompts), add_special_tokens=False, verbose=False).input_ids
+    needed = max([1] + [math.ceil(len(t) / CHUNK_TOKENS) for t in ids])
+    k = needed if num_chunks is None else num_chunks
+    if k < needed:
+        raise ValueError(f"a prompt needs {needed} chunks of {CHUNK_TOKENS} tokens, num_chunks={num_chunks}")
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = torch.full((len(ids), k, CONTEXT_LENGTH), pad, dtype=torch.long)
+    for b, tokens in enumerate(ids):
+        for c in range(k):
+            chunk = [bos, *tokens[c * CHUNK_TOKENS : (c + 1) * CHUNK_TOKENS], eos]
+            out[b, c, : len(chunk)] = torch.tensor(chunk)
+    return out
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def final_layer_norm(model: CLIPTextModel) -> torch.nn.LayerNorm:
+    # transformers >= 5.6 flattened CLIPTextModel; before, the layers sat under .text_model
+    return getattr(model, "text_model", model).final_layer_norm
+
+
+def encode_ids(model: CLIPTextModel, ids: torch.Tensor, clip_skip: int | None = 1) -> torch.Tensor:
+    """Context (B, 77*k, dim) for ids (B, k, 77); chunks are encoded independently."""
+    num_layers = model.config.num_hidden_layers
+    clip_skip = 1 if clip_skip is None else clip_skip
+    if not 1 <= clip_skip <= num_layers:
+        raise ValueError(f"clip_skip must be in 1..{num_layers} (1 = last layer), got {clip_skip}")
+    B, k, T = ids.shape
+    flat = ids.reshape(B * k, T).to(model.device)  # (B*k, 77)
+    if clip_skip == 1:
+        hidden = model(flat).last_hidden_state  # final_layer_norm(last layer)
+    else:
+        hidden = model(flat, output_hidden_states=True).hidden_states[-clip_skip]
+        hidden = final_layer_norm(model)(hidden)
+    return hidden.reshape(B, k * T, hidden.shape[-1])  # (B, 77*k, dim)
+
+
+class TextEncoder:
+    """A tokenizer and a CLIPTextModel together: prompts -> context for the U-Net.
+
+    `tokenizer` and `model` are the transformers objects, public. The output is on
+    the model's device and in its dtype; move the model with `.to(device, dtype)`.
+    """
+
+    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel):
+        if model.config.max_position_embeddings < CONTEXT_LENGTH:
+            raise ValueError(f"text model has {model.config.max_position_embeddings} positions, "
+                             f"{CONTEXT_LENGTH} needed")
+        self.tokenizer = tokenizer
+        self.model = model.eval()
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def encode(self, prompts: Sequence[str], clip_skip: int | None = 1,
+               num_chunks: int | None = None, grad: bool = False) -> torch.Tensor:
+        """Context (B, 77*k, dim); k = num_chunks or what the longest prompt needs.
+        grad=True keeps the autograd graph (to train the text encoder)."""
+        ids = tokenize(self.tokenizer, prompts, num_chunks)
+        with torch.set_grad_enabled(grad):
+            return encode_ids(self.model, ids, clip_skip)
+
+    def encode_with_negative(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        clip_skip: int | None = 1,
+        negative_clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, negative context), both (B, 77*k, dim) with the same k.
+
+        negative_prompts None = [""] * B (unconditional). negative_clip_skip None =
+        clip_skip (as the web UIs do); 1 reproduces diffusers, which ignores clip_skip
+        for the negative prompt.
+        """
+        prompts = list(prompts)
+        negatives = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
+        k = count_chunks(self.tokenizer, prompts + negatives)
+        cond = self.encode(prompts, clip_skip, k)
+        uncond = self.encode(negatives, clip_skip if negative_clip_skip is None else negative_clip_skip, k)
+        return cond, uncond
+
+
+# ----------------------------------------------------------------------------- configs / loading
+
+
+def text_encoder_config(kind: str) -> CLIPTextConfig:
+    """The shipped CLIPTextConfig: "sd1" (CLIP ViT-L/14) or "sd2" (OpenCLIP ViT-H/14, 23 of 24 layers)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    fields = json.loads((ASSETS / f"text_encoder_{kind}.json").read_text())
+    fields.pop("_comment", None)
+    return CLIPTextConfig.from_dict(fields)
+
+
+def load_text_encoder(path: str | Path, *, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> CLIPTextModel:
+    """CLIPTextModel from a diffusers `text_encoder/` folder (or a model folder holding one), offline."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file():
+        folder = folder / "text_encoder"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a diffusers text_encoder/ folder")
+    model = CLIPTextModel.from_pretrained(str(folder), local_files_only=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
+    """"sd1" or "sd2" from the text-encoder keys of a single-file checkpoint."""
+    if any(k.startswith(SD2_PREFIX) for k in state_dict):
+        return "sd2"
+    if any(k.startswith(SD1_PREFIX) for k in state_dict):
+        return "sd1"
+    raise ValueError(f"no text encoder in this checkpoint: no key starts with {SD1_PREFIX!r} (SD1) "
+                     f"or {SD2_PREFIX!r} (SD2)")
+
+
+def convert_sd1_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD1 `cond_stage_model.transformer.*` -> CLIPTextModel keys without `text_model.`.
+
+    The checkpoint is already in the HF CLIP layout, with or without the `text_model.`
+    level (older transformers had none). `embeddings.position_ids` is dropped: it is
+    arange(77), rebuilt by the model (some merged checkpoints carry a corrupted copy).
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(SD1_PREFIX):
+            continue
+        name = key[len(SD1_PREFIX):].removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue
+        if name in out:
+            raise ValueError(f"{key} given twice (with and without 'text_model.')")
+        out[name] = value
+    return out
+
+
+_OPENCLIP_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
+_OPENCLIP_BLOCK_MAP = {  # OpenCLIP resblock -> CLIPEncoderLayer
+    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_OPENCLIP_TOP_MAP = {
+    "token_embedding.weight": "embeddings.token_embedding.weight",
+    "positional_embedding": "embeddings.position_embedding.weight",  # same (77, W) table
+    "ln_final.weight": "final_layer_norm.weight",
+    "ln_final.bias": "final_layer_norm.bias",
+}
+# Parts of OpenCLIP's text tower that the SD2 context does not use.
+_OPENCLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}
+
+
+def convert_sd2_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """SD2 `cond_stage_model.model.*` (OpenCLIP) -> CLIPTextModel keys without `text_model.`.
+
+    Resblocks 0..num_layers-1 become encoder layers; `attn.in_proj_*` (3W rows, q;k;v as in
+    nn.MultiheadAttention) splits into q/k/v_proj. Resblock `num_layers` (the 24th of
+    ViT-H) is skipped, as the penultimate-layer rule never runs it; so are the
+    pooled-output projection and logit_scale. Any other key is an error.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith(SD2_PREFIX):
+            continue
+        name = key[len(SD2_PREFIX):]
+        block = _OPENCLIP_BLOCK.fullmatch(name)
+        if name in _OPENCLIP_TOP_MAP:
+            out[_OPENCLIP_TOP_MAP[name]] = value
+        elif name in _OPENCLIP_UNUSED:
+            continue
+        elif block is None:
+            raise ValueError(f"unexpected key {key} in the SD2 (OpenCLIP) text encoder")
+        else:
+            i, rest = int(block.group(1)), block.group(2)
+            if i == num_layers:  # the final resblock, unused by layer="penultimate"
+                continue
+            if i > num_layers:
+                raise ValueError(f"unexpected key {key}: the SD2 text encoder has {num_layers + 1} resblocks")
+            layer = f"encoder.layers.{i}."
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = rest.rsplit("_", 1)[1]  # weight | bias
+                if value.shape[0] % 3:
+                    raise ValueError(f"{key} has {value.shape[0]} rows, not 3 * width")
+                q, k, v = value.chunk(3, dim=0)  # (3W, W) -> 3 x (W, W)
+                for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                    out[f"{layer}self_attn.{proj}.{kind}"] = part
+            elif rest in _OPENCLIP_BLOCK_MAP:
+                out[layer + _OPENCLIP_BLOCK_MAP[rest]] = value
+            else:
+                raise ValueError(f"unexpected key {key} in the SD2 (OpenCLIP) text encoder")
+    return out
+
+
+def text_encoder_from_single_file(
+    state_dict: dict[str, torch.Tensor],
+    kind: str | None = None,
+    *,
+    config: CLIPTextConfig | dict | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CLIPTextModel:
+    """CLIPTextModel from the full state dict of an SD1.x/SD2.x single-file checkpoint.
+
+    kind: "sd1" | "sd2" | None (detected from the keys). config: default the shipped
+    text_encoder_{kind}.json. Keys outside the text encoder are ignored; a missing,
+    unexpected or mis-shaped text-encoder tensor raises ValueError naming it.
+    """
+    kind = detect_kind(state_dict) if kind is None else kind
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if config is None:
+        config = text_encoder_config(kind)
+    elif isinstance(config, dict):
+        config = CLIPTextConfig.from_dict(config)
+    if kind == "sd1":
+        weights = convert_sd1_state_dict(state_dict)
+    else:
+        weights = convert_sd2_state_dict(state_dict, config.num_hidden_layers)
+    if not weights:
+        prefix = SD1_PREFIX if kind == "sd1" else SD2_PREFIX
+        raise ValueError(f"no {kind} text-encoder key (prefix {prefix!r}) in this checkpoint")
+
+    with torch.device("meta"):  # no random init of ~100-350M parameters
+        model = CLIPTextModel(config)
+    model.to_empty(device=device).to(dtype=dtype)
+    expected = model.state_dict()
+    nested = next(iter(expected)).startswith("text_model.")  # transformers < 5.6
+    source_prefix = SD1_PREFIX if kind == "sd1" else SD2_PREFIX
+    if "embeddings.position_ids" in {k.removeprefix("text_model.") for k in expected}:
+        weights["embeddings.position_ids"] = torch.arange(config.max_position_embeddings).expand(1, -1)
+    names = {("text_model." + k if nested else k): k for k in weights}
+    missing = sorted(set(expected) - set(names))
+    if missing:
+        raise ValueError(f"missing key in the {kind} text encoder: {source_prefix}...{missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name, key in names.items():
+        if name not in expected:
+            raise ValueError(f"unexpected key in the {kind} text encoder: {key} (from {source_prefix}); "
+                             f"does the config match the checkpoint?")
+        if weights[key].shape != expected[name].shape:
+            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(weights[key].shape)}, "
+                             f"model {tuple(expected[name].shape)}; does the config match the checkpoint?")
+    model.load_state_dict({name: weights[key] for name, key in names.items()}, strict=True)
+    # The only non-persistent buffer: position ids, left uninitialised by to_empty.
+    embeddings = getattr(model, "text_model", model).embeddings
+    embeddings.position_ids.copy_(torch.arange(embeddings.position_ids.shape[-1]).expand(1, -1))
+    return model.eval()
