@@ -2,6 +2,7 @@
 
 from ldm.unet import UNet, UNetConfig
 from ldm.checkpoint import load_unet
+from ldm.pipeline import Pipeline
 
-__all__ = ["UNet", "UNetConfig", "load_unet"]
+__all__ = ["Pipeline", "UNet", "UNetConfig", "load_unet"]
 __version__ = "0.1.0"

@@ -89,3 +89,96 @@ def compare_unets(ours: UNet, theirs, height: int = 512, width: int = 512, batch
         "ours_s": statistics.median(times_ours),
         "diffusers_s": statistics.median(times_theirs),
     }
+
+
+# --------------------------------------------------------------------------- whole pipeline
+
+
+def pipeline_pair(weights: str | None = None, device=None):
+    """(ours, diffusers' StableDiffusionPipeline) on the same weights and the same DDIM schedule.
+
+    A diffusers folder is loaded by each library on its own. For a single file (which diffusers
+    cannot load offline without fetching configs), diffusers gets its U-Net through its own
+    `convert_ldm_unet_checkpoint` and shares our VAE and text encoder modules (both are already
+    diffusers/transformers models; their conversions are checked in the tests).
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm.pipeline import Pipeline
+
+    ours = Pipeline.from_pretrained(weights, device=device, dtype=torch.float32)
+    scheduler = DDIMScheduler.from_config(ours.schedule.to_diffusers_config())
+    path = ours.model_path
+    if path.is_dir():
+        theirs = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                         local_files_only=True)
+        theirs.scheduler = scheduler
+    else:
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        dcfg = unet_config_to_diffusers(ours.unet.config)
+        unet = _diffusers_unet_from_config(dcfg, meta=True)
+        unet.load_state_dict(convert_ldm_unet_checkpoint(read_state_dict(path), dcfg, extract_ema=True),
+                             strict=True, assign=True)
+        theirs = StableDiffusionPipeline(vae=ours.vae.model, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
+                                         unet=unet.eval(), scheduler=scheduler, safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False)
+    theirs.to(ours.device)
+    theirs.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+def _psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def compare_pipelines(ours, theirs, prompt: str, negative_prompt: str | None = None, steps: int = 20,
+                      guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
+                      width: int | None = None, progress: bool = False) -> dict:
+    """Stage by stage: text embeddings, first guided U-Net prediction, final latents, images; times of each."""
+    from ldm.samplers import cfg_combine
+
+    height = height or ours.default_size[0]
+    width = width or ours.default_size[1]
+    device = ours.device
+    r: dict = {}
+
+    (cond, uncond), r["text_ours_s"] = timed(lambda: ours.encode_prompt([prompt], None if negative_prompt is None
+                                                                        else [negative_prompt]))
+    (t_cond, t_uncond), r["text_diffusers_s"] = timed(
+        lambda: theirs.encode_prompt(prompt, device, 1, True, negative_prompt))
+    r["text_max_abs"] = max((cond - t_cond).abs().max().item(), (uncond - t_uncond).abs().max().item())
+
+    # first guided prediction on the seed's x_T at the first timestep
+    f = ours.vae.downsample_factor
+    x = torch.randn((1, ours.unet.config.in_channels, height // f, width // f),
+                    generator=torch.Generator("cpu").manual_seed(seed)).to(device)
+    t = ours.schedule.timesteps(steps)[0]
+    a, r["unet_ours_s"] = timed(lambda: ours.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])))
+    b, r["unet_diffusers_s"] = timed(
+        lambda: theirs.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([t_uncond, t_cond])).sample)
+    a, b = cfg_combine(*a.chunk(2), guidance_scale), cfg_combine(*b.chunk(2), guidance_scale)
+    r["unet_max_abs"], r["unet_max_rel"] = (a - b).abs().max().item(), ((a - b).abs().max() / b.abs().max()).item()
+
+    lat_a, r["sample_ours_s"] = timed(lambda: ours(prompt, negative_prompt=negative_prompt, steps=steps,
+                                                   guidance_scale=guidance_scale, seed=seed, height=height,
+                                                   width=width, output_type="latent", progress=progress))
+    lat_b, r["sample_diffusers_s"] = timed(lambda: theirs(
+        prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+        generator=[torch.Generator("cpu").manual_seed(seed)], height=height, width=width,
+        output_type="latent").images)
+    r["latents_max_abs"] = (lat_a - lat_b).abs().max().item()
+
+    from ldm.vae import to_numpy
+
+    img_a, r["decode_ours_s"] = timed(lambda: to_numpy(ours.vae.decode(lat_a)))
+    img_b, r["decode_diffusers_s"] = timed(lambda: theirs.image_processor.postprocess(
+        theirs.vae.decode(lat_b / theirs.vae.config.scaling_factor, return_dict=False)[0], output_type="np"))
+    r["image_max_abs"] = float(abs(img_a - img_b).max())
+    r["image_psnr_db"] = _psnr(img_a, img_b)
+    r["size"] = (height, width)
+    return r

@@ -126,6 +126,19 @@ class NoiseSchedule:
             c["trained_betas"] = tuple(float(b) for b in c["trained_betas"])
         return cls(**c)
 
+    def to_diffusers_config(self) -> dict:
+        """The scheduler_config.json dict (DDIMScheduler) that gives this schedule."""
+        return {
+            "_class_name": "DDIMScheduler",
+            "num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+            "trained_betas": list(self.trained_betas) if self.trained_betas is not None else None,
+            "prediction_type": self.prediction_type, "timestep_spacing": self.timestep_spacing,
+            "steps_offset": self.steps_offset, "set_alpha_to_one": self.set_alpha_to_one,
+            "clip_sample": self.clip_sample, "clip_sample_range": self.clip_sample_range,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr, "thresholding": False,
+        }
+
     # ---- timesteps -------------------------------------------------------------------------------
 
     def timesteps(self, num_steps: int, spacing: str | None = None, device=None) -> torch.Tensor:

@@ -64,12 +64,17 @@ def load_tokenizer(path: str | Path | None = None, *, pad_token: str | None = No
     "!" (id 0) pads as the original SD2 code and diffusers' SD2 folders do.
     """
     folder = TOKENIZER_DIR if path is None else Path(path)
-    if not (folder / "vocab.json").is_file() and (folder / "tokenizer" / "vocab.json").is_file():
+
+    def has_files(f: Path) -> bool:
+        # vocab.json + merges.txt (classic layout), or tokenizer.json (what transformers >= 5 saves)
+        return ((f / "vocab.json").is_file() and (f / "merges.txt").is_file()) or (f / "tokenizer.json").is_file()
+
+    if not has_files(folder) and has_files(folder / "tokenizer"):
         folder = folder / "tokenizer"  # a whole diffusers model folder
-    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+    if not has_files(folder):
         raise FileNotFoundError(
-            f"{folder} has no vocab.json/merges.txt; pass a diffusers tokenizer/ folder or None "
-            "for the shipped files (rebuild them with scripts/make_tokenizer_assets.py)"
+            f"{folder} has no vocab.json/merges.txt (nor tokenizer.json); pass a diffusers tokenizer/ folder or "
+            "None for the shipped files (rebuild them with scripts/make_tokenizer_assets.py)"
         )
     kwargs = {} if pad_token is None else {"pad_token": pad_token}
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)

@@ -38,3 +38,20 @@ def test_bad_input_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         compare_diffusers.main(["--height", "500"])
     assert e.value.code == 2
+
+
+def _stage(out: str, name: str) -> float:
+    return float(re.search(re.escape(name) + r"\s+(\S+)", out).group(1))
+
+
+def test_pipeline_mode_folder_and_single_file(tiny_sd_folder, tmp_path, capsys):
+    from ldm.pipeline import Pipeline
+
+    single = Pipeline.from_pretrained(tiny_sd_folder).save_single_file(tmp_path / "tiny.safetensors")
+    for weights in (tiny_sd_folder, single):
+        argv = ["--weights", str(weights), "--prompt", "a red circle", "--negative-prompt", "blurry", "--steps", "4"]
+        assert compare_diffusers.main(argv) == 0
+        out = capsys.readouterr().out
+        for stage in ("text embeddings", "first U-Net prediction", "final latents", "images (np, [0,1])"):
+            assert _stage(out, stage) <= 1e-4, (weights, stage, out)
+        assert "PSNR" in out

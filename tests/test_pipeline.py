@@ -1,0 +1,129 @@
+"""Whole pipeline against diffusers' StableDiffusionPipeline on the same tiny random weights.
+
+Tolerance: max abs difference <= 2e-3 on output_type="np" images in [0, 1] (measured: 0.0 for
+the SD1-like pipeline, ~4e-6 for the SD2-like one).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import ldm
+from ldm.pipeline import Pipeline
+
+TOL = 2e-3
+PROMPTS = ["a red circle at the top left", "a small blue square on a white background"]
+
+
+def _diffusers(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _theirs(pipe, prompts, negative, steps, guidance, seed, n, eta=0.0):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * n)]
+    neg = None if negative is None else [negative] * len(prompts)
+    return pipe(prompts, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance, eta=eta,
+                generator=gens, num_images_per_prompt=n, output_type="np").images
+
+
+@pytest.mark.parametrize("folder_fixture", ["tiny_sd_folder", "tiny_sd2_folder"], ids=["sd1", "sd2_v"])
+def test_images_equal_diffusers(folder_fixture, request):
+    folder = request.getfixturevalue(folder_fixture)
+    ours, theirs = Pipeline.from_pretrained(folder), _diffusers(folder)
+    assert ours.schedule.prediction_type == ("v_prediction" if "sd2" in folder_fixture else "epsilon")
+    for guidance, negative in [(7.5, None), (7.5, "blurry, low quality"), (1.0, None)]:
+        a = ours(PROMPTS, negative_prompt=negative, steps=6, guidance_scale=guidance, seed=11, num_images=2,
+                 output_type="np", progress=False)
+        b = _theirs(theirs, PROMPTS, negative, 6, guidance, 11, 2)
+        assert a.shape == b.shape == (4, 64, 64, 3) and a.dtype == np.float32
+        assert a.std() > 0.05  # a real image, not a flat field
+        assert np.abs(a - b).max() <= TOL, (guidance, negative)
+
+
+def test_eta_and_guidance_rescale_equal_diffusers(tiny_sd_folder):
+    ours, theirs = Pipeline.from_pretrained(tiny_sd_folder), _diffusers(tiny_sd_folder)
+    a = ours(PROMPTS[:1], steps=5, seed=4, num_images=2, eta=0.8, output_type="np", progress=False)
+    b = _theirs(theirs, PROMPTS[:1], None, 5, 7.5, 4, 2, eta=0.8)
+    assert np.abs(a - b).max() <= TOL
+    a = ours(PROMPTS[0], steps=5, seed=4, guidance_rescale=0.7, output_type="np", progress=False)
+    gens = [torch.Generator().manual_seed(4)]
+    b = theirs(PROMPTS[0], num_inference_steps=5, generator=gens, guidance_rescale=0.7, output_type="np").images
+    assert np.abs(a - b).max() <= TOL
+
+
+def test_image_i_of_a_batch_is_seed_plus_i(tiny_sd_folder):
+    pipe = Pipeline.from_pretrained(tiny_sd_folder)
+    batch = pipe(PROMPTS, steps=4, seed=100, num_images=2, output_type="np", progress=False)
+    for i in range(4):
+        alone = pipe(PROMPTS[i // 2], steps=4, seed=100 + i, output_type="np", progress=False)
+        assert np.abs(batch[i] - alone[0]).max() <= 1e-5
+    # eta > 0: the per-step noise follows the image's own generator too
+    batch = pipe(PROMPTS[0], steps=4, seed=7, num_images=3, eta=1.0, output_type="latent", progress=False)
+    alone = pipe(PROMPTS[0], steps=4, seed=9, eta=1.0, output_type="latent", progress=False)
+    # latents are O(10): batched and single matmuls round differently (~1e-6 relative)
+    assert (batch[2] - alone[0]).abs().max() <= 1e-5 * alone.abs().max()
+
+
+def test_output_types_and_defaults(tiny_sd_folder):
+    pipe = Pipeline.from_pretrained(tiny_sd_folder)
+    assert pipe.default_size == (64, 64)
+    images = pipe("a green triangle", steps=2, progress=False)
+    assert isinstance(images, list) and images[0].size == (64, 64) and images[0].mode == "RGB"
+    latents = pipe("a green triangle", steps=2, height=48, width=80, output_type="latent", progress=False)
+    assert latents.shape == (1, 4, 6, 10)
+    arr = pipe("a green triangle", steps=2, output_type="np", progress=False)
+    assert np.array_equal(np.asarray(images[0]), (arr[0] * 255).round().astype(np.uint8))
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        assert getattr(pipe, name) is not None
+    assert isinstance(pipe.unet, ldm.UNet)
+
+
+def test_long_prompt_is_not_truncated(tiny_sd_folder):
+    pipe = Pipeline.from_pretrained(tiny_sd_folder)
+    long = ", ".join(["a red circle at the top left on a white background"] * 12)  # > 75 tokens
+    context, negative = pipe.encode_prompt([long])
+    assert context.shape[1] == negative.shape[1] > 77 and context.shape[1] % 77 == 0
+    short = pipe(long, steps=2, output_type="latent", progress=False)
+    assert torch.isfinite(short).all()
+
+
+def test_single_file_round_trip(tiny_sd_folder, tiny_sd2_folder, tmp_path):
+    """Pipeline.save_single_file writes the original SD layout; loading it back gives the same images."""
+    from safetensors import safe_open
+
+    for folder in (tiny_sd_folder, tiny_sd2_folder):
+        a_pipe = Pipeline.from_pretrained(folder)
+        path = a_pipe.save_single_file(tmp_path / f"{folder.parent.name}.safetensors")
+        with safe_open(str(path), "pt") as f:
+            prefixes = {k.split(".")[0] for k in f.keys()}
+        assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+        b_pipe = Pipeline.from_pretrained(path)
+        assert b_pipe.schedule.prediction_type == a_pipe.schedule.prediction_type
+        assert b_pipe.tokenizer.pad_token == a_pipe.tokenizer.pad_token
+        assert b_pipe.default_size == a_pipe.default_size
+        a = a_pipe(PROMPTS, steps=3, seed=5, output_type="np", progress=False)
+        b = b_pipe(PROMPTS, steps=3, seed=5, output_type="np", progress=False)
+        assert np.array_equal(a, b)
+
+
+def test_bad_arguments(tiny_sd_folder, tmp_path):
+    pipe = Pipeline.from_pretrained(tiny_sd_folder)
+    cases = [(dict(steps=0), "steps must be an integer >= 1"), (dict(guidance_scale=-1), "guidance_scale must be >= 0"),
+             (dict(height=60), "height 60 must be a positive multiple of 8"), (dict(eta=-0.1), "eta must be >= 0"),
+             (dict(num_images=0), "num_images must be >= 1"), (dict(output_type="jpg"), "output_type must be"),
+             (dict(sampler="plms"), "unknown sampler 'plms'"), (dict(negative_prompt=["a", "b"]), "2 negative prompts")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe("a circle", progress=False, **kwargs)
+    with pytest.raises(FileNotFoundError, match="looks like a model hub id; ldm never downloads"):
+        Pipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "unet").mkdir()
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        Pipeline.from_pretrained(tmp_path / "half")
+    with pytest.raises(ValueError, match="prediction_type must be"):
+        Pipeline.from_pretrained(tiny_sd_folder, prediction_type="x0")
