@@ -218,6 +218,45 @@ class Pipeline:
         save_safetensors(tensors, path, metadata=meta)
         return Path(path)
 
+    def save_diffusers(self, folder: str | os.PathLike) -> Path:
+        """A diffusers folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json) that both
+        `Pipeline.from_pretrained` and diffusers' `StableDiffusionPipeline.from_pretrained` load.
+        Written to a temporary sibling folder, then renamed: never a half-written folder."""
+        import shutil
+        import tempfile
+
+        from ldm.checkpoint import save_unet_diffusers, unet_config_to_diffusers
+        from ldm.vae import save_vae_diffusers
+
+        folder = Path(folder)
+        if folder.exists():
+            raise FileExistsError(f"{folder} already exists; choose a new folder (nothing is overwritten)")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            save_unet_diffusers(self.unet, tmp / "unet")
+            unet_cfg = json.loads((tmp / "unet" / "config.json").read_text())
+            unet_cfg["sample_size"] = self.default_size[0] // self.vae.downsample_factor
+            assert unet_cfg.keys() >= unet_config_to_diffusers(self.unet.config).keys()
+            (tmp / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
+            save_vae_diffusers(self.vae, tmp / "vae")
+            self.text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps(self.schedule.to_diffusers_config(), indent=2) + "\n")
+            index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                     "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                     "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+                     "safety_checker": [None, None], "feature_extractor": [None, None],
+                     "requires_safety_checker": False}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
     # ------------------------------------------------------------------ generation
 
     def encode_prompt(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,

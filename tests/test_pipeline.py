@@ -127,3 +127,16 @@ def test_bad_arguments(tiny_sd_folder, tmp_path):
         Pipeline.from_pretrained(tmp_path / "half")
     with pytest.raises(ValueError, match="prediction_type must be"):
         Pipeline.from_pretrained(tiny_sd_folder, prediction_type="x0")
+
+
+def test_save_diffusers_folder_round_trip(tiny_sd2_folder, tmp_path):
+    """Our export loads in diffusers' StableDiffusionPipeline and back in ours: same images."""
+    pipe = Pipeline.from_pretrained(tiny_sd2_folder)
+    out = pipe.save_diffusers(tmp_path / "export")
+    a = pipe(PROMPTS, steps=3, seed=2, output_type="np", progress=False)
+    b = Pipeline.from_pretrained(out)(PROMPTS, steps=3, seed=2, output_type="np", progress=False)
+    c = _theirs(_diffusers(out), PROMPTS, None, 3, 7.5, 2, 1)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() <= TOL
+    with pytest.raises(FileExistsError, match="already exists"):
+        pipe.save_diffusers(out)

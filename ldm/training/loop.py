@@ -1,0 +1,475 @@
+"""The training loop: fine-tune (full or LoRA), train from scratch, or train the VAE.
+
+One loop for every mode, run under HF `accelerate` (one process, or DDP across processes
+and machines through `accelerate launch`; no home-made process groups). Everything random
+in a step is drawn from a generator seeded by (seed, step, micro-step) for the *global*
+batch, and each process takes its contiguous slice: a run is reproducible, resumable
+exactly, and N processes follow the same trajectory as one process with the same global
+batch (up to the order of float reductions).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import save_safetensors
+from ldm.schedule import NoiseSchedule
+from ldm.training.ema import EMA
+
+MODES = ("full", "lora", "scratch", "vae")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# fields that must match to resume a run (others, e.g. max_steps or save_every, may change)
+RESUME_MUST_MATCH = ("mode", "base", "vae", "data", "resolution", "batch_size", "grad_accum", "seed", "lr",
+                     "lr_scheduler", "warmup_steps", "unet_config", "text_config", "vae_config", "lora_rank",
+                     "lora_alpha", "train_text_encoder", "cache", "center_crop", "random_flip", "caption_dropout",
+                     "snr_gamma", "offset_noise", "ema_decay", "optimizer", "prediction_type")
+
+
+@dataclass
+class TrainConfig:
+    data: str  # image folder, "shapes" (procedural demo dataset) or a Hugging Face datasets name
+    output_dir: str = "runs/train"
+    mode: str = "full"  # full | lora | scratch | vae
+    base: str | None = None  # checkpoint to start from (full / lora; vae: optional)
+    vae: str | None = None  # scratch: the VAE to train the U-Net on (trained with mode=vae)
+    unet_config: str | dict | None = None  # scratch: "sd15", "sd21", a JSON file or a dict (UNetConfig fields)
+    text_config: str | dict | None = None  # scratch: CLIPTextConfig JSON file or dict (default: a small one)
+    vae_config: str | dict | None = None  # vae from scratch: AutoencoderKL config JSON file or dict
+    train_text_encoder: bool = False  # scratch: always trained jointly
+    prediction_type: str | None = None  # default: the base model's ("epsilon" from scratch)
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = 0.0  # probability of an empty caption (for classifier-free guidance)
+    cache: bool = False  # precompute VAE latents (and text embeddings when the text encoder is frozen)
+    batch_size: int = 1  # global batch per micro-step, over all processes
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_eps: float = 1e-8
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.9999 for long runs
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, 5 is usual
+    offset_noise: float = 0.0  # offset noise strength (e.g. 0.05-0.1): darker darks, brighter brights
+    kl_weight: float = 1e-6  # vae mode: weight of the KL term
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # default: rank
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    validate_every: int = 0  # 0 = only at the end
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 25
+    validation_guidance: float = 7.5
+    log_every: int = 1
+    seed: int = 0
+    num_workers: int = 0
+    resume: str | None = None  # "latest" or a checkpoint folder
+    export_diffusers: bool = False
+
+    def __post_init__(self):
+        problems = [
+            (self.mode not in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (self.resolution < 8 or self.resolution % 8, f"resolution {self.resolution} must be a positive multiple of 8"),
+            (self.batch_size < 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum < 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.max_steps < 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.lr <= 0, f"lr must be > 0, got {self.lr}"),
+            (self.mixed_precision not in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
+            (self.lr_scheduler not in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
+            (not 0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}"),
+            (self.ema_decay != 0 and not 0 < self.ema_decay < 1, f"ema_decay must be 0 (off) or in (0, 1)"),
+            (self.optimizer not in ("adamw", "adamw8bit"), f"optimizer must be adamw or adamw8bit"),
+            (self.mode in ("full", "lora") and not self.base, f"mode {self.mode} needs --base (the model to fine-tune)"),
+            (self.mode == "scratch" and not self.vae and not self.base,
+             "mode scratch needs --vae (a VAE trained with --mode vae) or --base to take the VAE from"),
+            (self.save_every < 1, f"save_every must be >= 1, got {self.save_every}"),
+            (self.lora_rank < 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
+            (self.prediction_type not in (None, "epsilon", "v_prediction"),
+             f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """The generator of one micro-step: depends only on (seed, step, micro), not on processes or history."""
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+
+
+def local_slice(batch_size: int, rank: int, world: int) -> slice:
+    per = batch_size // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
+                   latents: torch.Tensor, g: torch.Generator, sl: slice, global_batch: int,
+                   snr_gamma: float = 0.0, offset_noise: float = 0.0) -> torch.Tensor:
+    """Noise-prediction loss (DDPM, Ho et al. 2020) with the target the model is trained for.
+
+    denoise(x_t, t) is the model (U-Net with its text context bound).
+    latents: this process's (b, C, h, w) slice of the global batch; the random draws are made
+    for the global batch from `g` and sliced with `sl`, so they do not depend on the process count.
+    """
+    C, h, w = latents.shape[1:]
+    t = torch.randint(0, schedule.num_train_timesteps, (global_batch,), generator=g)[sl]
+    noise = torch.randn((global_batch, C, h, w), generator=g)[sl]
+    if offset_noise > 0:  # per-channel shift: lets the model change the mean brightness
+        noise = noise + offset_noise * torch.randn((global_batch, C, 1, 1), generator=g)[sl]
+    latents, noise, t = latents.float(), noise.to(latents.device), t.to(latents.device)
+    x_t = schedule.add_noise(latents, noise, t)  # sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps
+    target = schedule.from_x0_eps(latents, noise, t)  # eps, or v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
+    pred = denoise(x_t, t).float()
+    loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
+    if snr_gamma > 0:
+        a_bar = schedule.alphas_cumprod.to(t.device)[t]
+        snr = a_bar / (1 - a_bar)
+        clipped = torch.clamp(snr, max=snr_gamma)
+        # min-SNR-gamma: weight min(SNR, gamma)/SNR for eps targets, min(SNR, gamma)/(SNR + 1) for v
+        weight = clipped / snr if schedule.prediction_type == "epsilon" else clipped / (snr + 1)
+        loss = loss * weight
+    return loss.mean()
+
+
+def vae_loss(vae, images: torch.Tensor, g: torch.Generator, sl: slice, global_batch: int,
+             kl_weight: float) -> tuple[torch.Tensor, dict]:
+    """Reconstruction (L1 + L2) plus a small KL to N(0, I), as the SD autoencoder's KL-f8 objective
+    without its adversarial and perceptual terms (which matter little for flat procedural images)."""
+    dist = vae.model.encode(images).latent_dist
+    eps = torch.randn((global_batch, *dist.mean.shape[1:]), generator=g)[sl].to(images.device)
+    z = dist.mean + dist.std * eps
+    recon = vae.model.decode(z).sample
+    rec = (recon - images).abs().mean() + F.mse_loss(recon, images)
+    kl = dist.kl().mean() / dist.mean[0].numel()
+    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Builds the models, data and optimizer for a TrainConfig and runs the loop."""
+
+    def __init__(self, config: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        self.cfg = c = config
+        self.acc = accelerator or Accelerator(mixed_precision=c.mixed_precision)
+        self.out = Path(c.output_dir)
+        world = self.acc.num_processes
+        if c.batch_size % world:
+            raise ValueError(f"batch_size {c.batch_size} must be divisible by the {world} processes")
+        from ldm.training import setup
+
+        self.models = setup.build_models(c)
+        self.data = setup.build_data(c, self.models, main=self.acc.is_main_process)
+        self.trainable = self.models.trainable_named_parameters()
+        if not self.trainable:
+            raise ValueError("nothing to train: no parameter requires a gradient")
+        params = list(self.trainable.values())
+        self.optimizer = self._optimizer(params)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(c.lr_scheduler, self.optimizer, num_warmup_steps=c.warmup_steps,
+                                          num_training_steps=c.max_steps)
+        self.ema = EMA(self.trainable, c.ema_decay) if c.ema_decay else None
+        self.step = 0
+        self.module = self.models.trained_module()
+        self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
+
+    def _optimizer(self, params):
+        c = self.cfg
+        kwargs = dict(lr=c.lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay, eps=c.adam_eps)
+        if c.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(params, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any import/runtime failure of bnb
+                raise ValueError(f"--optimizer adamw8bit needs a working bitsandbytes ({type(e).__name__}: {e}); "
+                                 "install it for your GPU or use --optimizer adamw") from None
+        return torch.optim.AdamW(params, **kwargs)
+
+    # ---------------------------------------------------------------- checkpointing
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        final = self.out / "checkpoints" / f"step-{self.step:07d}"
+
+        def write(tmp: Path):
+            save_safetensors({k: p.detach() for k, p in self.trainable.items()}, tmp / "trainable.safetensors")
+            if self.ema is not None:
+                save_safetensors(self.ema.shadow, tmp / "ema.safetensors")
+            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                        "ema_num_updates": self.ema.num_updates if self.ema else 0}, tmp / "optimizer.pt")
+            rng = _rng_state()
+            trainer = {"step": self.step, "config": self.cfg.to_dict(),
+                       "rng": {"python": repr(rng["python"]), "numpy_pos": int(rng["numpy"][2])}}
+            (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+
+        _atomic_dir(final, write)
+        for old in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from ldm.checkpoint import read_state_dict
+
+        meta = json.loads((folder / "trainer.json").read_text())
+        saved = meta["config"]
+        for name in RESUME_MUST_MATCH:
+            if saved.get(name) != getattr(self.cfg, name):
+                raise ValueError(f"cannot resume from {folder}: {name} was {saved.get(name)!r}, now "
+                                 f"{getattr(self.cfg, name)!r}; use the same setting or a new --output-dir")
+        weights = read_state_dict(folder / "trainable.safetensors")
+        if weights.keys() != self.trainable.keys():
+            missing = sorted(set(self.trainable) ^ set(weights))[0]
+            raise ValueError(f"cannot resume from {folder}: tensor '{missing}' differs from this run's model")
+        with torch.no_grad():
+            for k, p in self.trainable.items():
+                p.copy_(weights[k])
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            self.ema.shadow = {k: v.float() for k, v in read_state_dict(folder / "ema.safetensors").items()}
+            self.ema.num_updates = state["ema_num_updates"]
+        self.step = meta["step"]
+
+    def _resume_folder(self) -> Path | None:
+        r = self.cfg.resume
+        if not r:
+            return None
+        if r == "latest":
+            found = list_checkpoints(self.out)
+            return found[-1] if found else None  # nothing yet: a fresh start
+        folder = Path(r)
+        if not (folder / "trainer.json").is_file():
+            raise ValueError(f"--resume {r}: not a checkpoint folder (no trainer.json); pass 'latest' or "
+                             f"{self.out}/checkpoints/step-NNNNNNN")
+        return folder
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self, on_step: Callable[[int], None] | None = None) -> dict:
+        c, acc = self.cfg, self.acc
+        resume = self._resume_folder()
+        if resume is not None:
+            self.load_checkpoint(resume)
+            if acc.is_main_process:
+                print(f"resumed from {resume} at step {self.step}")
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+        log = LossLog(self.out / "loss.csv", resumed_step=self.step) if acc.is_main_process else None
+        sl = local_slice(c.batch_size, acc.process_index, acc.num_processes)
+        batches = self.data.batches(self.step * c.grad_accum, sl)
+        bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_main_process, desc=f"train {c.mode}",
+                   unit="step", dynamic_ncols=True)
+        t_start, samples = time.perf_counter(), 0
+        self.wrapped.train()
+        while self.step < c.max_steps:
+            total = 0.0
+            for micro in range(c.grad_accum):
+                batch = next(batches)
+                g = step_generator(c.seed, self.step, micro)
+                sync = micro == c.grad_accum - 1
+                ctx = acc.no_sync(self.wrapped) if not sync and acc.num_processes > 1 else _nullcontext()
+                with ctx, acc.autocast():
+                    loss = self.models.loss(self.wrapped, batch, g, sl, c)
+                    acc.backward(loss / c.grad_accum)
+                total += loss.detach().float() / c.grad_accum
+            if c.max_grad_norm > 0:
+                acc.clip_grad_norm_(list(self.trainable.values()), c.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.trainable)
+            self.step += 1
+            samples += c.batch_size * c.grad_accum
+            step_loss = acc.gather(total.reshape(1)).mean().item()  # mean over the global batch
+            if acc.is_main_process:
+                rate = samples / (time.perf_counter() - t_start)
+                bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.2f}")
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == c.max_steps:
+                    log.write(self.step, step_loss, self.lr_scheduler.get_last_lr()[0], rate)
+            if self.step % c.save_every == 0 or self.step == c.max_steps:
+                acc.wait_for_everyone()
+                self.save_checkpoint()
+            if c.validate_every and self.step % c.validate_every == 0 and self.step < c.max_steps:
+                self.validate()
+            if on_step is not None:
+                on_step(self.step)
+        bar.close()
+        acc.wait_for_everyone()
+        result = {"step": self.step}
+        if acc.is_main_process:
+            log.close()
+            result["loss_plot"] = str(plot_losses(self.out / "loss.csv", self.out / "loss.png"))
+            result.update(self.export())
+            result["validation"] = self.validate()
+        return result
+
+    # ---------------------------------------------------------------- outputs
+
+    def _with_ema(self, fn):
+        backup = self.ema.copy_to(self.trainable) if self.ema is not None else None
+        try:
+            return fn()
+        finally:
+            if backup is not None:
+                self.ema.restore(self.trainable, backup)
+
+    def export(self) -> dict:
+        """The final model (EMA weights when EMA is on) in the formats users load."""
+        return self._with_ema(lambda: self.models.export(self.out, self.cfg))
+
+    def validate(self) -> str | None:
+        if not self.acc.is_main_process:
+            return None
+        path = self.out / "validation" / f"step-{self.step:07d}.png"
+        return self._with_ema(lambda: self.models.validate(path, self.cfg))
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LossLog:
+    """CSV of step, loss, lr, samples/s, wall time (appended to on resume)."""
+
+    HEADER = ["step", "loss", "lr", "samples_per_s", "time"]
+
+    def __init__(self, path: Path, resumed_step: int = 0):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resumed_step and path.exists():  # rows past the checkpoint we resume from will be redone
+            with open(path, newline="") as f:
+                kept = [r for r in csv.reader(f) if r and r[0] != "step" and int(r[0]) <= resumed_step]
+        self.f = open(path, "w", newline="")
+        self.w = csv.writer(self.f)
+        self.w.writerow(self.HEADER)
+        self.w.writerows(kept)
+        self.t0 = time.time()
+
+    def write(self, step: int, loss: float, lr: float, rate: float) -> None:
+        self.w.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{rate:.3f}", f"{time.time():.1f}"])
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_losses(path: Path) -> tuple[list[int], list[float]]:
+    steps, losses = {}, {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            steps[int(row["step"])] = float(row["loss"])  # a resumed run rewrites steps: keep the last
+    keys = sorted(steps)
+    return keys, [steps[k] for k in keys]
+
+
+def plot_losses(csv_path: Path, png_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = read_losses(csv_path)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 10:
+        k = max(5, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
+
+
+def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run a whole training (or resume one); returns the final step and the written files."""
+    return Trainer(config).train(on_step)

@@ -1,0 +1,323 @@
+"""What the training loop trains and on what data, for each mode.
+
+full     fine-tune every U-Net weight of --base (VAE and text encoder frozen)
+lora     LoRA adapters on the U-Net attention projections of --base; base weights untouched
+scratch  a new U-Net (given config) and a new text encoder, trained jointly, on a given VAE
+vae      a diffusers AutoencoderKL (new from a config, or the --base one), reconstruction + KL
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.schedule import NoiseSchedule
+from ldm.text import encode_ids, load_tokenizer, tokenize
+from ldm.training.loop import TrainConfig, diffusion_loss, vae_loss
+
+# the text encoder of models trained from scratch when no --text-config is given: small, CLIP-shaped
+DEFAULT_SCRATCH_TEXT = dict(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                            projection_dim=128)
+
+
+def _json_or_dict(value, what: str) -> dict:
+    if isinstance(value, dict):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{what} {value}: no such file; pass a JSON file of {what} fields")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+class Denoiser(nn.Module):
+    """The module accelerate wraps (DDP syncs what requires grad): U-Net, plus the text encoder
+    when it trains. forward(x_t, t, context=None, ids=None): ids are encoded here when given."""
+
+    def __init__(self, unet, text_encoder=None):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, x, t, context=None, ids=None):
+        if ids is not None:
+            context = encode_ids(self.text_encoder, ids)
+        return self.unet(x, t, context)
+
+
+class DiffusionModels:
+    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, train_te: bool, lora: bool,
+                 resolution: int):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.schedule, self.train_te, self.lora, self.resolution = schedule, train_te, lora, resolution
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(train_te).train(train_te)
+        self.unet.train()
+        self._module = Denoiser(unet, text_encoder if train_te else None)
+
+    def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
+        return {k: p for k, p in self._module.named_parameters() if p.requires_grad}
+
+    def trained_module(self) -> nn.Module:
+        return self._module
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior, already in the U-Net's latent scale."""
+        dist = self.vae.model.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        s = self.vae.scaling_factor
+        return (dist.mean - self.vae.shift_factor) * s, dist.std * s
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], num_chunks: int | None = None) -> torch.Tensor:
+        return encode_ids(self.text_encoder, tokenize(self.tokenizer, captions, num_chunks))
+
+    def loss(self, wrapped, batch: dict, g: torch.Generator, sl: slice, c: TrainConfig) -> torch.Tensor:
+        device = next(self.unet.parameters()).device
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+        else:
+            mean, std = self.encode_images(batch["pixels"])
+        # z ~ N(mean, std^2), drawn for the global batch (process-count independent), then sliced
+        eps = torch.randn((c.batch_size, *mean.shape[1:]), generator=g)[sl].to(device)
+        latents = mean + std * eps
+        if "context" in batch:
+            context, ids = batch["context"].to(device), None
+        elif self.train_te:
+            context, ids = None, tokenize(self.tokenizer, batch["caption"]).to(device)
+        else:
+            context, ids = self.encode_text(batch["caption"]), None
+
+        def denoise(x_t, t):
+            return wrapped(x_t, t, context=context, ids=ids)
+
+        return diffusion_loss(denoise, self.schedule, latents, g, sl, c.batch_size, c.snr_gamma, c.offset_noise)
+
+    def pipeline(self):
+        from ldm.pipeline import Pipeline
+
+        pipe = Pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, self.schedule,
+                        (self.resolution, self.resolution))
+        return pipe
+
+    def export(self, out: Path, c: TrainConfig) -> dict:
+        was_training = self.unet.training
+        files = {}
+        try:
+            if self.lora:
+                from ldm.training.lora import save_lora
+
+                files["lora"] = str(save_lora(self.unet, out / "lora.safetensors",
+                                              metadata={"ldm_base": str(c.base)}))
+            else:
+                pipe = self.pipeline()
+                files["model"] = str(pipe.save_single_file(out / "model.safetensors"))
+                if c.export_diffusers:
+                    target = out / "diffusers"
+                    if target.exists():
+                        shutil.rmtree(target)
+                    files["diffusers"] = str(pipe.save_diffusers(target))
+        finally:
+            self.unet.train(was_training)
+            self.text_encoder.train(self.train_te)
+        return files
+
+    def validate(self, path: Path, c: TrainConfig) -> str:
+        from ldm.training.grid import save_grid
+
+        was_training = self.unet.training
+        prompts = self.validation_inputs
+        try:
+            pipe = self.pipeline()
+            images = []
+            for i, prompt in enumerate(prompts):
+                images += pipe(prompt, steps=c.validation_steps, guidance_scale=c.validation_guidance,
+                               seed=c.seed + i, progress=False)
+            return str(save_grid(images, path, captions=prompts))
+        finally:
+            self.unet.train(was_training)
+            self.text_encoder.train(self.train_te)
+
+
+class VAEModels:
+    def __init__(self, vae):
+        self.vae = vae
+        self.vae.requires_grad_(True).train()
+
+    def trainable_named_parameters(self):
+        return {k: p for k, p in self.vae.named_parameters() if p.requires_grad}
+
+    def trained_module(self):
+        return self.vae
+
+    def loss(self, wrapped, batch, g, sl, c: TrainConfig):
+        vae = wrapped.module if hasattr(wrapped, "module") else wrapped
+        loss, _ = vae_loss(vae, batch["pixels"].to(vae.device), g, sl, c.batch_size, c.kl_weight)
+        return loss
+
+    def export(self, out: Path, c: TrainConfig) -> dict:
+        from ldm.checkpoint import save_safetensors
+        from ldm.vae import vae_metadata, vae_to_original_state_dict
+
+        path = out / "vae.safetensors"
+        save_safetensors(vae_to_original_state_dict(self.vae, prefix=""), path, metadata=vae_metadata(self.vae))
+        return {"vae": str(path)}
+
+    @torch.no_grad()
+    def validate(self, path: Path, c: TrainConfig) -> str:
+        from ldm.training.grid import save_grid
+        from ldm.vae import to_pil
+
+        images = self.validation_inputs  # (n, 3, R, R) data images: top row, reconstructions below
+        was = self.vae.training
+        self.vae.eval()
+        try:
+            recon = self.vae.decode(self.vae.encode(images, sample=False))
+            return str(save_grid(to_pil(images) + to_pil(recon), path, rows=2))
+        finally:
+            self.vae.train(was)
+
+
+def build_models(c: TrainConfig):
+    if c.mode == "vae":
+        from diffusers import AutoencoderKL
+
+        from ldm.vae import VAE, load_vae
+
+        if c.base:
+            vae = load_vae(c.base)
+        else:
+            torch.manual_seed(c.seed)
+            cfg = _json_or_dict(c.vae_config, "vae_config") if c.vae_config else {}
+            vae = VAE(AutoencoderKL(**cfg))
+        return VAEModels(vae)
+
+    if c.mode in ("full", "lora"):
+        from ldm.pipeline import Pipeline
+
+        pipe = Pipeline.from_pretrained(c.base, device="cpu", dtype=torch.float32, prediction_type=c.prediction_type)
+        unet, vae, text_encoder, tokenizer, schedule = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.schedule
+        train_te = c.train_text_encoder and c.mode == "full"
+        if c.mode == "lora":
+            from ldm.training.lora import add_lora
+
+            unet.requires_grad_(False)
+            torch.manual_seed(c.seed)
+            add_lora(unet, rank=c.lora_rank, alpha=c.lora_alpha)
+        else:
+            unet.requires_grad_(True)
+    else:  # scratch
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from ldm.unet import UNet, UNetConfig
+        from ldm.vae import load_vae
+
+        if c.unet_config in ("sd15", "sd21"):
+            unet_config = getattr(UNetConfig, c.unet_config)()
+        elif c.unet_config:
+            unet_config = UNetConfig.from_dict(_json_or_dict(c.unet_config, "unet_config"))
+        else:
+            raise ValueError("mode scratch needs --unet-config (sd15, sd21 or a JSON file of UNetConfig fields)")
+        text_fields = _json_or_dict(c.text_config, "text_config") if c.text_config else DEFAULT_SCRATCH_TEXT
+        text_config = CLIPTextConfig(**text_fields)
+        if text_config.hidden_size != unet_config.context_dim:
+            raise ValueError(f"text encoder width {text_config.hidden_size} differs from the U-Net context_dim "
+                             f"{unet_config.context_dim}; make them equal")
+        torch.manual_seed(c.seed)  # reproducible initialization
+        unet = UNet(unet_config)
+        text_encoder = CLIPTextModel(text_config)
+        vae = load_vae(c.vae or c.base)
+        if vae.latent_channels != unet_config.in_channels:
+            raise ValueError(f"VAE has {vae.latent_channels} latent channels, U-Net in_channels is "
+                             f"{unet_config.in_channels}")
+        tokenizer = load_tokenizer()
+        schedule = NoiseSchedule(prediction_type=c.prediction_type or "epsilon")
+        train_te = True
+    if c.gradient_checkpointing:
+        unet.gradient_checkpointing = True
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+    return DiffusionModels(unet, vae, text_encoder, tokenizer, schedule, train_te, c.mode == "lora", c.resolution)
+
+
+# --------------------------------------------------------------------------- data
+
+HUGE_DATASET = 10_000_000  # procedural datasets: items are i.i.d. by construction, no shuffle needed
+
+
+class Data:
+    """Global batches in an order that depends only on (seed, epoch); each process reads its slice."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int = 0):
+        self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+        self.batches_per_epoch = len(dataset) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(dataset)} usable items, fewer than --batch-size {batch_size}; "
+                             "add images or lower the batch size")
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        n = len(self.dataset)
+        if n >= HUGE_DATASET:
+            start = epoch * self.batches_per_epoch * self.batch_size
+            return range(start % n, start % n + self.batches_per_epoch * self.batch_size)
+        from ldm.training.data import derive_seed
+
+        g = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
+        return torch.randperm(n, generator=g).tolist()
+
+    def batches(self, start_micro: int, sl: slice):
+        """Endless local batches, starting at global micro-batch `start_micro` (exact resume)."""
+        from torch.utils.data import DataLoader
+
+        epoch, skip = divmod(start_micro, self.batches_per_epoch)
+        while True:
+            order = self.epoch_order(epoch)
+            local = [list(order[b * self.batch_size:(b + 1) * self.batch_size])[sl]
+                     for b in range(skip, self.batches_per_epoch)]
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            # a seeded generator: the loader must not draw from (and shift) the global RNG
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            yield from DataLoader(self.dataset, batch_sampler=local, num_workers=self.num_workers, generator=g)
+            epoch, skip = epoch + 1, 0
+
+
+def build_data(c: TrainConfig, models, main: bool = True) -> Data:
+    from ldm.training import data as d
+
+    if c.data == "shapes":
+        from ldm.shapes import ShapesDataset
+
+        dataset = ShapesDataset(seed=c.seed, size=c.resolution)
+    else:
+        dataset = d.load_training_dataset(c.data, c.resolution, crop="center" if c.center_crop else "random",
+                                          random_flip=c.random_flip, caption_dropout=c.caption_dropout, seed=c.seed)
+        scan = getattr(dataset, "scan", None)
+        if main and scan is not None:
+            print(scan.summary())
+    if isinstance(models, VAEModels):
+        n = min(4, len(dataset))
+        models.validation_inputs = torch.stack([dataset[i]["pixels"] for i in range(n)])
+        return Data(dataset, c.batch_size, c.seed, c.num_workers)
+
+    captions = getattr(dataset, "captions", None) or [dataset[i]["caption"] for i in range(min(len(dataset), 64))]
+    models.validation_inputs = list(c.validation_prompts) or [x for x in dict.fromkeys(captions) if x][:4]
+    if c.cache:
+        encode_text = None if models.train_te else models.encode_text
+        if encode_text is None:
+            raise ValueError("--cache with a trained text encoder: only latents could be cached; train without "
+                             "--cache or freeze the text encoder")
+        from ldm.text import count_chunks
+
+        k = count_chunks(models.tokenizer, list(dataset.captions))  # one context length for every cached item
+        dataset = d.cache_latents_and_text(dataset, models.encode_images,
+                                           lambda caps: models.encode_text(caps, num_chunks=k), batch_size=8,
+                                           progress=main)
+    return Data(dataset, c.batch_size, c.seed, c.num_workers)
