@@ -326,17 +326,20 @@ def save_next_png(image, folder: str | os.PathLike, parameters: str, extra: dict
 def save_generated(image, folder: str | os.PathLike, *, prompt: str, negative_prompt: str | None, steps: int,
                    sampler: str, guidance: float, seed: int, width: int, height: int, model_hash: str | None,
                    model_name: str | None, eta: float = 0.0, clip_skip: int = 1,
-                   settings: dict[str, Any] | None = None) -> Path:
+                   settings: dict[str, Any] | None = None, loras: dict[str, str] | None = None) -> Path:
     """Save one generated image as `folder/<index>-<seed>.png` with its generation parameters.
 
     Text chunks: `parameters` (A1111 format, read by most SD tools), `ldm` (JSON: every setting,
     `settings` included, and the full sha256 of the weights) and `Software`.
-    `seed` is this image's own seed (seed + i for image i of a run).
+    `seed` is this image's own seed (seed + i for image i of a run). `loras`: name -> short hash of
+    each LoRA applied, written as A1111's "Lora hashes".
     """
     from ldm import __version__
 
+    extra_params = {"Lora hashes": ", ".join(f"{k}: {v}" for k, v in loras.items())} if loras else None
     parameters = a1111_parameters(prompt, negative_prompt, steps, sampler, guidance, seed, width, height,
-                                  model_hash, model_name, eta=eta, clip_skip=clip_skip, rng="CPU")
+                                  model_hash, model_name, eta=eta, clip_skip=clip_skip, rng="CPU",
+                                  extra=extra_params)
     record = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
                   guidance_scale=guidance, eta=eta, seed=seed, width=width, height=height, clip_skip=clip_skip,
                   model_name=model_name, model_sha256=model_hash, **(settings or {}), ldm_version=__version__)

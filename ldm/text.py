@@ -207,7 +207,15 @@ def load_text_encoder(path: str | Path, *, device: torch.device | str = "cpu",
         folder = folder / "text_encoder"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json; pass a diffusers text_encoder/ folder")
-    model = CLIPTextModel.from_pretrained(str(folder), local_files_only=True)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per small model load is noise on the CLIs' stderr
+    try:
+        model = CLIPTextModel.from_pretrained(str(folder), local_files_only=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device=device, dtype=dtype).eval()
 
 

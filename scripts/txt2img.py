@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--clip-skip", type=int, default=1, help="text encoder layer from the end (2 = web UIs' 'clip skip 2')")
     p.add_argument("--prediction-type", choices=["auto", "epsilon", "v_prediction"], default="auto",
                    help="what the U-Net predicts (auto: folder config / file metadata; SD2 single files: v_prediction)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="LoRA file to apply to the U-Net (kohya/diffusers layouts; repeatable)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA(s)")
     p.add_argument("--out", default="outputs", help="output folder (created if needed; files are never overwritten)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="U-Net/text encoder dtype (auto: float16 on CUDA, "
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
         (args.weights is not None and not Path(args.weights).exists(),
          f"--weights {args.weights}: not found; pass a local .safetensors/.ckpt checkpoint or diffusers folder "
          "(ldm never downloads: a model hub id must be fetched first)"),
+        *[(not Path(f).is_file(), f"--lora {f}: not found; pass a LoRA .safetensors file") for f in args.lora],
     ]
     for bad, message in problems:
         if bad:
@@ -113,6 +117,16 @@ def main(argv=None) -> int:
                                         prediction_type=None if args.prediction_type == "auto" else args.prediction_type)
     except (ValueError, FileNotFoundError) as e:
         return _error(str(e))
+    loras = {}
+    if args.lora:
+        from ldm.training.lora import load_lora
+
+        for f in args.lora:
+            try:
+                load_lora(pipe.unet, f, scale=args.lora_scale, merge=True)  # merged: no per-step cost
+            except (ValueError, FileNotFoundError) as e:
+                return _error(str(e))
+            loras[model_display_name(f)] = file_sha256(f)[:12]
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
     seed = random.SystemRandom().randrange(2**32) if seed_random else args.seed
     if seed_random:
@@ -136,7 +150,8 @@ def main(argv=None) -> int:
                 sampler=args.sampler, guidance=args.guidance, seed=seed + start + i, width=width, height=height,
                 model_hash=model_hash, model_name=model_name, eta=args.eta, clip_skip=args.clip_skip,
                 settings={"prediction_type": pipe.schedule.prediction_type, "device": str(pipe.device),
-                          "dtype": str(pipe.dtype).removeprefix("torch.")},
+                          "dtype": str(pipe.dtype).removeprefix("torch."), "lora_scale": args.lora_scale},
+                loras=loras,
             )
             print(path, flush=True)
     return 0

@@ -6,7 +6,8 @@ import pytest
 from ldm.checkpoint import unet_config_to_diffusers, unet_to_diffusers_state_dict
 from ldm.unet import UNet, UNetConfig, random_weights_
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models: one thread avoids OpenMP oversubscription on small shared machines (10x slower otherwise)
+torch.set_num_threads(1)
 
 
 def tiny_sd1_config(**kw) -> UNetConfig:
@@ -93,3 +94,56 @@ def tiny_sd_folder(tmp_path_factory):
 def tiny_sd2_folder(tmp_path_factory):
     """A tiny random SD2-like (v-prediction, pad "!") pipeline in diffusers folder format."""
     return _saved(tmp_path_factory, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_train_base(tmp_path_factory, tiny_sd_folder):
+    """The tiny SD1-like pipeline with a VAE fit for training tests: a near-deterministic encoder
+    (posterior std ~0.002) and a scaling factor that gives unit-variance latents, so that training
+    targets are the images and not the random VAE's noise."""
+    from ldm.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_sd_folder)
+    quant = pipe.vae.model.quant_conv  # 2*C outputs: mean, then log-variance
+    with torch.no_grad():
+        quant.weight[4:] = 0
+        quant.bias[4:] = -12.0
+        g = torch.Generator().manual_seed(0)
+        colors = torch.rand(64, 3, 1, 1, generator=g) * 2 - 1
+        mask = torch.zeros(64, 1, 64, 64)
+        for i in range(64):
+            x, y = (i * 7) % 40, (i * 13) % 40
+            mask[i, :, y:y + 24, x:x + 24] = 1
+        images = colors * mask + (1 - mask) * 0.9
+        mean = pipe.vae.model.encode(images).latent_dist.mean
+    factor = float(1 / mean.std())
+    pipe.vae.model.register_to_config(scaling_factor=factor)
+    pipe.vae.scaling_factor = factor
+    return pipe.save_diffusers(tmp_path_factory.mktemp("train_base") / "pipe")
+
+
+def make_image_folder(root, n=8, size=64, layout="txt"):
+    """n distinct images (a colored block at a distinct place) with distinct captions."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    colors = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40), (140, 60, 180), (245, 140, 30),
+              (20, 20, 20), (128, 128, 128)]
+    names = ["red", "green", "blue", "yellow", "purple", "orange", "black", "gray"]
+    lines = []
+    for i in range(n):
+        a = np.full((size, size, 3), 245, np.uint8)
+        x, y = (i % 4) * (size // 5) + 2, (i // 4 % 2) * (size // 2) + 2
+        a[y:y + size * 3 // 8, x:x + size * 5 // 16] = colors[i % 8]
+        Image.fromarray(a).save(root / f"{i:03d}.png")
+        caption = f"a {names[i % 8]} block number {i}"
+        if layout == "txt":
+            (root / f"{i:03d}.txt").write_text(caption)
+        else:
+            lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": caption}))
+    if layout == "jsonl":
+        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root

@@ -229,8 +229,9 @@ class Trainer:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the {world} processes")
         from ldm.training import setup
 
+        dataset = setup.load_dataset(c, main=self.acc.is_main_process)
         self.models = setup.build_models(c)
-        self.data = setup.build_data(c, self.models, main=self.acc.is_main_process)
+        self.data = setup.build_data(c, self.models, dataset, main=self.acc.is_main_process)
         self.trainable = self.models.trainable_named_parameters()
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires a gradient")
@@ -373,7 +374,7 @@ class Trainer:
                 on_step(self.step)
         bar.close()
         acc.wait_for_everyone()
-        result = {"step": self.step}
+        result = {"step": self.step, "processes": acc.num_processes}
         if acc.is_main_process:
             log.close()
             result["loss_plot"] = str(plot_losses(self.out / "loss.csv", self.out / "loss.png"))

@@ -162,13 +162,32 @@ class VAEModels:
         loss, _ = vae_loss(vae, batch["pixels"].to(vae.device), g, sl, c.batch_size, c.kl_weight)
         return loss
 
+    @torch.no_grad()
+    def fit_scaling_factor(self, dataset, n: int = 256) -> float:
+        """1 / std of the latent means over up to n data images: the U-Net then sees unit-variance
+        latents (how SD's 0.18215 was chosen). Stored in the VAE config."""
+        was = self.vae.training
+        self.vae.eval()
+        try:
+            idx = range(min(n, len(dataset)))
+            means = [self.vae.model.encode(torch.stack([dataset[i]["pixels"] for i in idx[s:s + 32]])).latent_dist.mean
+                     for s in range(0, len(idx), 32)]
+            factor = float(1.0 / torch.cat(means).std())
+        finally:
+            self.vae.train(was)
+        self.vae.model.register_to_config(scaling_factor=factor)
+        self.vae.scaling_factor = factor
+        return factor
+
     def export(self, out: Path, c: TrainConfig) -> dict:
         from ldm.checkpoint import save_safetensors
         from ldm.vae import vae_metadata, vae_to_original_state_dict
 
+        files = {"scaling_factor": self.fit_scaling_factor(self.dataset)}
         path = out / "vae.safetensors"
         save_safetensors(vae_to_original_state_dict(self.vae, prefix=""), path, metadata=vae_metadata(self.vae))
-        return {"vae": str(path)}
+        files["vae"] = str(path)
+        return files
 
     @torch.no_grad()
     def validate(self, path: Path, c: TrainConfig) -> str:
@@ -278,31 +297,52 @@ class Data:
 
         epoch, skip = divmod(start_micro, self.batches_per_epoch)
         while True:
-            order = self.epoch_order(epoch)
-            local = [list(order[b * self.batch_size:(b + 1) * self.batch_size])[sl]
-                     for b in range(skip, self.batches_per_epoch)]
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)
             # a seeded generator: the loader must not draw from (and shift) the global RNG
             g = torch.Generator().manual_seed(self.seed + epoch)
+            local = _LocalBatches(self, epoch, skip, sl)
             yield from DataLoader(self.dataset, batch_sampler=local, num_workers=self.num_workers, generator=g)
             epoch, skip = epoch + 1, 0
 
 
-def build_data(c: TrainConfig, models, main: bool = True) -> Data:
+class _LocalBatches:
+    """This process's slice of each global batch of one epoch, produced lazily (epochs can be huge)."""
+
+    def __init__(self, data: Data, epoch: int, skip: int, sl: slice):
+        self.data, self.epoch, self.skip, self.sl = data, epoch, skip, sl
+
+    def __len__(self) -> int:
+        return self.data.batches_per_epoch - self.skip
+
+    def __iter__(self):
+        order, bs = self.data.epoch_order(self.epoch), self.data.batch_size
+        for b in range(self.skip, self.data.batches_per_epoch):
+            yield list(order[b * bs:(b + 1) * bs])[self.sl]
+
+
+def load_dataset(c: TrainConfig, main: bool = True):
+    """The training items (scanned and checked: fails fast, before any model is loaded)."""
     from ldm.training import data as d
 
     if c.data == "shapes":
         from ldm.shapes import ShapesDataset
 
-        dataset = ShapesDataset(seed=c.seed, size=c.resolution)
+        dataset = ShapesDataset(seed=c.seed, image_size=c.resolution)
     else:
         dataset = d.load_training_dataset(c.data, c.resolution, crop="center" if c.center_crop else "random",
                                           random_flip=c.random_flip, caption_dropout=c.caption_dropout, seed=c.seed)
         scan = getattr(dataset, "scan", None)
         if main and scan is not None:
             print(scan.summary())
+    return dataset
+
+
+def build_data(c: TrainConfig, models, dataset, main: bool = True) -> Data:
+    from ldm.training import data as d
+
     if isinstance(models, VAEModels):
+        models.dataset = dataset
         n = min(4, len(dataset))
         models.validation_inputs = torch.stack([dataset[i]["pixels"] for i in range(n)])
         return Data(dataset, c.batch_size, c.seed, c.num_workers)

@@ -1,0 +1,372 @@
+"""LoRA adapters for the U-Net (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen layer y = W x + b gains a trainable low-rank update
+
+    y = W x + b + (alpha / rank) * scale * B A dropout(x)      A = lora_down: (rank, in), B = lora_up: (out, rank)
+
+B starts at zero, so a fresh adapter changes nothing. `alpha` is fixed when the adapter is made (and saved
+with it); `scale` is a run-time knob (0 = base model), not saved.
+
+Naming (the design choice). `add_lora` swaps each targeted layer for a `LoRALinear` that registers the
+*same* weight and bias Parameters under the *same* names, next to its two small layers:
+
+    input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight             unchanged, frozen
+    input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_down.weight   new, trainable (A)
+    input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_up.weight     new, trainable (B)
+
+so every base tensor keeps its CompVis name (`base_state_dict` only drops the `lora_` keys, and
+`merge_lora` / `remove_lora` give back a plain UNet), while the adapters stay ordinary submodules that
+`.to()`, `copy.deepcopy` (EMA), DDP/FSDP gradient sync and gradient checkpointing all see. The
+alternatives each lose one of these: keeping the Linear as a `.base` child renames every wrapped
+weight (`to_q.base.weight`); `torch.nn.utils.parametrize` renames it too
+(`to_q.parametrizations.weight.original`) and rebuilds the full (out, in) matrix on every call; a
+forward hook keeps names but hides the adapter in a closure that deepcopy and `print(unet)` do not follow.
+
+A 1x1 Conv2d (SD1's proj_in / proj_out) is a Linear over channels and is adapted the same way (its
+lora_down / lora_up are 1x1 convs, as in kohya files). 3x3 convolutions (LoCon) are not supported.
+
+Files: `save_lora` writes the kohya-ss / AUTOMATIC1111 layout that the SD ecosystem loads
+(`lora_unet_<diffusers module path, dots -> underscores>.lora_down.weight` / `.lora_up.weight` /
+`.alpha`); `load_lora` reads that, its CompVis-name variant (`lora_unet_input_blocks_1_1_...`,
+kohya's SDXL spelling) and the diffusers / PEFT layouts. Text-encoder tensors are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from ldm.checkpoint import diffusers_key_map, read_state_dict, save_safetensors
+from ldm.unet import UNet
+
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (or 1x1 nn.Conv2d) plus a trainable low-rank update; see the module docstring."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int = 4, alpha: float | None = None, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, nn.Conv2d):
+            if base.kernel_size != (1, 1) or base.stride != (1, 1) or base.padding not in ((0, 0), "valid") \
+                    or base.dilation != (1, 1) or base.groups != 1:
+                raise ValueError(f"LoRALinear: only 1x1 convolutions can be adapted, got {base}; "
+                                 "conv LoRA (LoCon) is not supported")
+            in_f, out_f = base.in_channels, base.out_channels
+        elif isinstance(base, nn.Linear):
+            in_f, out_f = base.in_features, base.out_features
+        else:
+            raise TypeError(f"LoRALinear wraps nn.Linear or a 1x1 nn.Conv2d, got {type(base).__name__}")
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"LoRALinear: rank must be a positive integer, got {rank!r}")
+        self.is_conv = isinstance(base, nn.Conv2d)
+        self.in_features, self.out_features = in_f, out_f
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scale = 1.0
+        # the wrapped layer's own Parameters, under the same names: base state-dict keys do not change
+        self.weight = base.weight.requires_grad_(False)
+        self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
+        self.dropout = nn.Dropout(dropout)
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        layer = (lambda i, o: nn.Conv2d(i, o, 1, **kw)) if self.is_conv else (lambda i, o: nn.Linear(i, o, **kw))
+        self.lora_down = layer(in_f, rank)  # A
+        self.lora_up = layer(rank, out_f)  # B
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as nn.Linear, kohya and PEFT
+        nn.init.zeros_(self.lora_up.weight)  # B = 0: a fresh adapter is the identity
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, self.bias) if self.is_conv else F.linear(x, self.weight, self.bias)
+        # the adapter may be kept in float32 over a half-precision base
+        d = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
+        return y + (self.scaling * d).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A, shaped like `weight` (computed in float32)."""
+        up, down = self.lora_up.weight.float().flatten(1), self.lora_down.weight.float().flatten(1)
+        return (self.scaling * (up @ down)).view(self.weight.shape)  # (out, rank) @ (rank, in) -> (out, in)
+
+    def to_base(self) -> nn.Linear | nn.Conv2d:
+        """A plain layer holding this one's weight and bias Parameters (the adapter is dropped)."""
+        with torch.device("meta"):
+            layer = (nn.Conv2d(self.in_features, self.out_features, 1, bias=self.bias is not None) if self.is_conv
+                     else nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
+
+
+# --------------------------------------------------------------------------- adding, scaling, merging
+
+
+def lora_modules(unet: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in unet.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_modules(unet).values() for p in (m.lora_down.weight, m.lora_up.weight)]
+
+
+def base_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """unet.state_dict() without the adapter tensors: the base model under its own (CompVis) names."""
+    return {k: v for k, v in unet.state_dict().items() if ".lora_down." not in k and ".lora_up." not in k}
+
+
+def _replace(unet: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(unet.get_submodule(parent) if parent else unet, child, module)
+
+
+def add_lora(unet: UNet, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = ATTENTION_TARGETS,
+             dropout: float = 0.0, include_proj: bool = False) -> list[nn.Parameter]:
+    """Wrap every layer whose name ends with one of `targets` (e.g. "to_q", "to_out.0", "ff.net.2") in a
+    LoRALinear; include_proj adds the transformers' proj_in / proj_out (1x1 convs in SD1, Linear in SD2).
+
+    Every base parameter is frozen; returns the adapter parameters, the only ones that require grad.
+    alpha defaults to rank (update scaling alpha/rank = 1).
+    """
+    if lora_modules(unet):
+        raise ValueError("add_lora: this U-Net already has LoRA adapters; call remove_lora or merge_lora first")
+    targets = tuple(targets) + (("proj_in", "proj_out") if include_proj else ())
+    if not targets:
+        raise ValueError("add_lora: no targets given")
+    chosen = {t: [n for n, _ in unet.named_modules() if n == t or n.endswith("." + t)] for t in targets}
+    unmatched = [t for t, names in chosen.items() if not names]
+    if unmatched:
+        raise ValueError(f"add_lora: no layer of the U-Net is named '{unmatched[0]}'; targets are name suffixes "
+                         "such as 'to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2', 'proj_in'")
+    adapters = {}
+    for name in sorted({n for names in chosen.values() for n in names}):
+        layer = unet.get_submodule(name)
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"add_lora: '{name}' is a {type(layer).__name__}; only Linear and 1x1 Conv2d layers "
+                             "can take a LoRA adapter")
+        adapters[name] = LoRALinear(layer, rank, alpha, dropout)  # raises before anything changed
+    unet.requires_grad_(False)
+    for name, adapter in adapters.items():
+        _replace(unet, name, adapter)
+    return lora_parameters(unet)
+
+
+def set_lora_scale(unet: nn.Module, scale: float) -> None:
+    """Multiply every adapter's update by `scale` (0 = base model, 1 = as trained)."""
+    modules = lora_modules(unet)
+    if not modules:
+        raise ValueError("set_lora_scale: this U-Net has no LoRA adapters")
+    for m in modules.values():
+        m.scale = float(scale)
+
+
+def remove_lora(unet: nn.Module) -> None:
+    """Drop the adapters: the U-Net is again the plain base model (its base weights never changed;
+    they stay frozen — call unet.requires_grad_(True) to train them)."""
+    for name, m in lora_modules(unet).items():
+        _replace(unet, name, m.to_base())
+
+
+@torch.no_grad()
+def merge_lora(unet: nn.Module) -> None:
+    """Fold each adapter into its base weight (W += scale * alpha/rank * B A) and drop the adapters.
+
+    Inference then costs exactly the base model's. Irreversible: the base weights are changed in
+    place; to get the base model back, load its checkpoint again.
+    """
+    for name, m in lora_modules(unet).items():
+        m.weight += m.delta_weight().to(m.weight.dtype)
+        _replace(unet, name, m.to_base())
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _short_target(name: str) -> str:
+    """input_blocks.1.1.transformer_blocks.0.attn1.to_q -> to_q (the part add_lora's `targets` name)."""
+    return re.sub(r"^(input_blocks|middle_block|output_blocks)(\.\d+)*\.(transformer_blocks\.\d+\.)?(attn[12]\.)?",
+                  "", name)
+
+
+def _diffusers_module_names(unet: UNet) -> dict[str, str]:
+    """Our name -> diffusers' name of every Linear / Conv2d layer of the U-Net."""
+    kmap = diffusers_key_map(unet.config)
+    out = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, LoRALinear)) and name + ".weight" in kmap:
+            out[name] = kmap[name + ".weight"][: -len(".weight")]
+    return out
+
+
+def save_lora(unet: UNet, path: str | os.PathLike, metadata: dict | None = None,
+              base_model_hash: str | None = None) -> Path:
+    """Write the adapters as a small safetensors file in the kohya-ss / AUTOMATIC1111 layout, atomically.
+
+    Keys: `lora_unet_<diffusers module path with dots -> underscores>.lora_down.weight`, `.lora_up.weight`
+    and `.alpha` (a scalar). The run-time `scale` is not saved. `metadata` (str -> str or JSON-able) is
+    added to kohya's `ss_*` fields and our `ldm_lora` record; base_model_hash (e.g. the base checkpoint's
+    sha256) is written as kohya's `ss_new_sd_model_hash`.
+    """
+    modules = lora_modules(unet)
+    if not modules:
+        raise ValueError("save_lora: this U-Net has no LoRA adapters; call add_lora or load_lora first")
+    names = _diffusers_module_names(unet)
+    tensors = {}
+    for name, m in modules.items():
+        key = "lora_unet_" + names[name].replace(".", "_")
+        tensors[key + ".lora_down.weight"] = m.lora_down.weight
+        tensors[key + ".lora_up.weight"] = m.lora_up.weight
+        tensors[key + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
+    ranks = {m.rank for m in modules.values()}
+    alphas = {m.alpha for m in modules.values()}
+    record = {"rank": ranks.pop() if len(ranks) == 1 else "Dynamic",
+              "alpha": alphas.pop() if len(alphas) == 1 else "Dynamic",
+              "targets": sorted({_short_target(n) for n in modules}), "modules": len(modules),
+              "layout": "kohya-ss: lora_unet_<diffusers module path>.lora_down/lora_up/alpha"}
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(record["rank"]),
+            "ss_network_alpha": str(record["alpha"]), "ldm_lora": json.dumps(record),
+            "ldm_unet_config": json.dumps(unet.config.to_dict())}
+    if base_model_hash:
+        meta["ss_new_sd_model_hash"] = base_model_hash
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    save_safetensors(tensors, path, metadata=meta)
+    return Path(path)
+
+
+_UNSUPPORTED = [("hada_", "LoHa (LyCORIS)"), ("lokr_", "LoKr (LyCORIS)"), ("lora_mid", "LoCon with a Tucker core"),
+                ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("lora_B.bias", "LoRA with a bias"),
+                (".diff", "a full weight difference")]
+_PART = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|"
+                   r"lora\.down\.weight|lora\.up\.weight|alpha)$")
+
+
+def _normalize_key(key: str) -> str:
+    """Old diffusers attention-processor names -> module names: attn1.processor.to_out_lora.down -> attn1.to_out.0.lora.down."""
+    key = re.sub(r"\.processor\.to_(q|k|v)_lora\.", r".to_\1.lora.", key)
+    return key.replace(".processor.to_out_lora.", ".to_out.0.lora.")
+
+
+def _peft_alphas(metadata: dict) -> tuple[float | None, dict]:
+    """(lora_alpha, alpha_pattern) from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields)."""
+    try:
+        cfg = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except json.JSONDecodeError:
+        return None, {}
+    get = lambda k: cfg.get(f"unet.{k}", cfg.get(k))  # noqa: E731
+    return get("lora_alpha"), get("alpha_pattern") or {}
+
+
+@torch.no_grad()
+def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bool = False) -> list[str]:
+    """Apply a LoRA file's U-Net adapters; returns the names of the adapted layers (ours).
+
+    Reads our files and the common layouts: kohya-ss (`lora_unet_<diffusers path>` or
+    `lora_unet_<CompVis path>`, `.lora_down/.lora_up/.alpha`), diffusers/PEFT
+    (`unet.<path>.lora_A/lora_B.weight`, alpha from `lora_adapter_metadata`) and older diffusers
+    (`<path>.lora.down/up.weight`, `attn1.processor.to_q_lora.down.weight`). Without a stored alpha,
+    alpha = rank (update scale 1), as kohya and diffusers assume. Text-encoder tensors are skipped
+    with a warning. Strict: an unknown or mis-shaped tensor is a ValueError naming it.
+
+    merge=False adds LoRALinear adapters (frozen base, trainable adapters; set_lora_scale works);
+    merge=True folds scale * alpha/rank * B A into the base weights (irreversible, see merge_lora).
+    """
+    path = Path(path)
+    sd = read_state_dict(path)
+    file_meta = {}
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            file_meta = f.metadata() or {}
+
+    text_keys = [k for k in sd if k.startswith(TEXT_ENCODER_PREFIXES)]
+    if text_keys:
+        warnings.warn(f"{path}: skipped {len(text_keys)} text-encoder LoRA tensors (e.g. '{text_keys[0]}'); only "
+                      "the U-Net part of a LoRA is applied — text-encoder LoRA is not supported", stacklevel=2)
+
+    names = _diffusers_module_names(unet)
+    layer_of = {}  # every name a file may use for a layer -> our name
+    for ours, theirs in names.items():
+        for alias in ("lora_unet_" + theirs.replace(".", "_"), "lora_unet_" + ours.replace(".", "_"),
+                      theirs, "unet." + theirs):
+            assert layer_of.setdefault(alias, ours) == ours, alias
+    example = "lora_unet_" + next((n for n in names.values() if n.endswith("attn1.to_q")),
+                                  next(iter(names.values()))).replace(".", "_") + ".lora_down.weight"
+
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, t in sd.items():
+        if key.startswith(TEXT_ENCODER_PREFIXES):
+            continue
+        if m := _PART.match(_normalize_key(key)):
+            layer = layer_of.get(m["module"])
+            if layer is None:
+                raise ValueError(f"{path}: tensor '{key}' names no layer of this U-Net (our files use keys like "
+                                 f"'{example}'); the LoRA is for another model (SDXL?) or configuration")
+            role = "alpha" if m["part"] == "alpha" else "down" if "down" in m["part"] or "_A" in m["part"] else "up"
+            parts.setdefault(layer, {})[role] = (key, t)
+            continue
+        kind = next((what for marker, what in _UNSUPPORTED if marker in key), None)
+        if kind:
+            raise ValueError(f"{path}: tensor '{key}' belongs to {kind}, which is not supported; only plain LoRA "
+                             "(lora_down/lora_up) on Linear and 1x1-conv layers is")
+        raise ValueError(f"{path}: unknown tensor '{key}'; expected LoRA keys like '{example}'")
+    if not parts:
+        raise ValueError(f"{path}: no U-Net LoRA tensors found" + (" (only text-encoder ones)" if text_keys else ""))
+
+    peft_alpha, alpha_pattern = _peft_alphas(file_meta)
+    plan = []
+    for layer, p in parts.items():
+        for role in ("down", "up"):
+            if role not in p:
+                other = next(iter(p.values()))[0]
+                raise ValueError(f"{path}: '{other}' has no matching {role} tensor for layer '{names[layer]}'")
+        (down_key, down), (up_key, up) = p["down"], p["up"]
+        target = unet.get_submodule(layer)
+        if (isinstance(target, nn.Conv2d) and target.kernel_size != (1, 1)) or (down.ndim == 4 and down.shape[2:] != (1, 1)):
+            raise ValueError(f"{path}: tensor '{down_key}' is a LoRA for the convolution '{names[layer]}' with kernel "
+                             f"{tuple(down.shape[2:]) if down.ndim == 4 else target.kernel_size} (conv LoRA / LoCon): "
+                             "not supported; only Linear and 1x1-conv layers can be adapted")
+        out_f, in_f = target.weight.shape[:2]
+        rank = down.shape[0] if down.ndim else 0
+        for key, t, want in ((down_key, down, (rank, in_f)), (up_key, up, (out_f, rank))):
+            if t.ndim not in (2, 4) or tuple(t.flatten(1).shape) != want:  # a 1x1 conv's (r, in, 1, 1) is (r, in)
+                raise ValueError(f"{path}: tensor '{key}' has shape {tuple(t.shape)}; layer '{names[layer]}' "
+                                 f"({in_f} -> {out_f} features, rank {rank}) needs {want}")
+        down, up = down.flatten(1), up.flatten(1)
+        if "alpha" in p:
+            alpha = float(p["alpha"][1])
+        else:
+            alpha = next((float(v) for k, v in alpha_pattern.items() if names[layer].endswith(k.lstrip("^"))),
+                         float(peft_alpha) if peft_alpha is not None else float(rank))
+        plan.append((layer, target, rank, alpha, down, up))
+
+    if not merge:
+        taken = [layer for layer, target, *_ in plan if isinstance(target, LoRALinear)]
+        if taken:
+            raise ValueError(f"{path}: layer '{taken[0]}' already has a LoRA adapter; call merge_lora or remove_lora "
+                             "first, or load with merge=True")
+        unet.requires_grad_(False)
+    for layer, target, rank, alpha, down, up in plan:
+        if merge:
+            w = target.weight
+            delta = (scale * alpha / rank) * (up.to(w.device, torch.float32) @ down.to(w.device, torch.float32))
+            w += delta.view(w.shape).to(w.dtype)  # (out, rank) @ (rank, in) -> (out, in)
+        else:
+            adapter = LoRALinear(target, rank, alpha)
+            adapter.lora_down.weight.copy_(down.view(adapter.lora_down.weight.shape))
+            adapter.lora_up.weight.copy_(up.view(adapter.lora_up.weight.shape))
+            adapter.scale = float(scale)
+            _replace(unet, layer, adapter)
+    return sorted(layer for layer, *_ in plan)
