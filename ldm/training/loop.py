@@ -203,12 +203,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Global RNG states, in types torch.load(weights_only=True) accepts. The loop draws nothing
+    from them (every draw is seeded by step), but user code and libraries might."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"python": [version, list(internal), gauss_next], "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
 
 
@@ -222,6 +229,12 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = c = config
+        if accelerator is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps one process-wide state: a second run in the same process (a notebook,
+            # the tests) with another precision would be refused. Single process: start afresh.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.acc = accelerator or Accelerator(mixed_precision=c.mixed_precision)
         self.out = Path(c.output_dir)
         world = self.acc.num_processes
@@ -271,10 +284,11 @@ class Trainer:
             if self.ema is not None:
                 save_safetensors(self.ema.shadow, tmp / "ema.safetensors")
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "ema_num_updates": self.ema.num_updates if self.ema else 0}, tmp / "optimizer.pt")
-            rng = _rng_state()
-            trainer = {"step": self.step, "config": self.cfg.to_dict(),
-                       "rng": {"python": repr(rng["python"]), "numpy_pos": int(rng["numpy"][2])}}
+                        "ema_num_updates": self.ema.num_updates if self.ema else 0, "rng": _rng_state()},
+                       tmp / "optimizer.pt")
+            epoch, batch = divmod(self.step * self.cfg.grad_accum, self.data.batches_per_epoch)
+            trainer = {"step": self.step, "data_position": {"epoch": epoch, "batch_in_epoch": batch},
+                       "config": self.cfg.to_dict()}
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
 
         _atomic_dir(final, write)
@@ -304,6 +318,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.shadow = {k: v.float() for k, v in read_state_dict(folder / "ema.safetensors").items()}
             self.ema.num_updates = state["ema_num_updates"]
+        _set_rng_state(state["rng"])
         self.step = meta["step"]
 
     def _resume_folder(self) -> Path | None:
