@@ -38,6 +38,8 @@ A1111_SAMPLER_NAMES = {
     "dpm2": "DPM2",
     "dpm2_a": "DPM2 a",
     "dpmpp_2m": "DPM++ 2M",
+    # A1111 < 1.6 name; >= 1.6 writes "Sampler: DPM++ 2M, Schedule type: Karras" and still reads this one
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2s_a": "DPM++ 2S a",
     "dpmpp_sde": "DPM++ SDE",
     "unipc": "UniPC",

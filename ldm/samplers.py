@@ -140,4 +140,152 @@ def sample_ddim(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddim": sample_ddim}
+# ---- k-diffusion-style samplers over sigmas ---------------------------------------------------------
+#
+# sigma = sqrt((1 - alpha_bar) / alpha_bar) is the noise level of x_t / sqrt(alpha_bar) (Karras et al. 2022).
+# These samplers place their own n = len(timesteps) steps exactly as the matching diffusers scheduler's
+# `set_timesteps` does (`NoiseSchedule.dpm_solver_schedule`, `NoiseSchedule.euler_schedule`): only the count of
+# `timesteps` is used. They follow that scheduler's float32 expressions so that trajectories agree to rounding.
+
+
+def _vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) of x_t = alpha_t x_0 + sigma_t eps for the VE noise level sigma (DPM-Solver's notation)."""
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)  # sqrt(alpha_bar) = 1 / sqrt(sigma^2 + 1)
+    return alpha_t, sigma * alpha_t  # sqrt(1 - alpha_bar) = sigma sqrt(alpha_bar)
+
+
+def _check_no_eta(name: str, eta: float) -> None:
+    if eta != 0:
+        raise ValueError(f"eta={eta}: eta sets DDIM's noise and does nothing for {name}; leave it at 0 (for a "
+                         "stochastic sampler use 'euler_a', or 'ddim' with eta > 0)")
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoise_fn: DenoiseFn,
+    latents: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: torch.Tensor,
+    eta: float = 0.0,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    karras: bool = False,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), as diffusers' DPMSolverMultistepScheduler (midpoint, order 2)."""
+    # Data-prediction multistep solver in the VP parametrization x_t = alpha_t x_0 + sigma_t eps, stepping in
+    # lambda = log(alpha_t / sigma_t) (half log-SNR). First order (= DDIM) on the first step and on the last,
+    # which goes to sigma = 0 and so returns the last denoised x_0 (diffusers' lower_order_final,
+    # final_sigmas_type="zero"). Deterministic: `generator` is not used. `latents` is taken as the VP x at the
+    # first timestep as it is (diffusers' init_noise_sigma = 1). callback({"i", "t", "x", "denoised"}) after each step.
+    _check_no_eta("DPM-Solver++(2M)", eta)
+    if len(timesteps) == 0:
+        raise ValueError("timesteps is empty; get them from schedule.timesteps(num_steps)")
+    ts, sigmas = schedule.dpm_solver_schedule(len(timesteps), karras=karras)
+    ts = ts.to(timesteps.device)
+    n = len(ts)
+    x = latents.float()
+    old_denoised = None
+    for i in tqdm(range(n), disable=not progress, desc="DPM++ 2M Karras" if karras else "DPM++ 2M"):
+        model_output = denoise_fn(x, ts[i])
+        alpha_s, sigma_s = _vp_alpha_sigma(sigmas[i])  # at the current timestep s
+        alpha_t, sigma_t = _vp_alpha_sigma(sigmas[i + 1])  # at the next one t (sigma_t = 0, alpha_t = 1 at the end)
+        if schedule.prediction_type == "epsilon":
+            denoised = (x - sigma_s * model_output) / alpha_s  # x_0 = (x_s - sigma_s eps) / alpha_s
+        elif schedule.prediction_type == "v_prediction":
+            denoised = alpha_s * x - sigma_s * model_output  # x_0 = alpha_s x_s - sigma_s v
+        else:  # "sample"
+            denoised = model_output
+        lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)  # +inf at sigma_t = 0
+        h = lambda_t - lambda_s  # step size in lambda
+        if old_denoised is None or i == n - 1:
+            # DPM-Solver++(1): x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D0; at sigma_t = 0 it is D0
+            x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * denoised
+        else:
+            alpha_r, sigma_r = _vp_alpha_sigma(sigmas[i - 1])  # the previous timestep r
+            h_0 = lambda_s - (torch.log(alpha_r) - torch.log(sigma_r))  # the previous step size
+            r0 = h_0 / h
+            d1 = (1.0 / r0) * (denoised - old_denoised)  # D1 = (D0 - D_prev) / r0: h times the x_0 slope in lambda
+            # midpoint rule: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) (D0 + D1 / 2)
+            x_next = ((sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * denoised
+                      - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "denoised": denoised})
+        old_denoised = denoised
+        x = x_next.to(model_output.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_karras(
+    denoise_fn: DenoiseFn,
+    latents: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: torch.Tensor,
+    eta: float = 0.0,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) on Karras et al. 2022 sigmas (rho = 7), as diffusers' use_karras_sigmas=True."""
+    return sample_dpmpp_2m(denoise_fn, latents, schedule, timesteps, eta=eta, generator=generator,
+                           callback=callback, progress=progress, karras=True)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    denoise_fn: DenoiseFn,
+    latents: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: torch.Tensor,
+    eta: float = 0.0,
+    generator: Generator = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral), as diffusers' EulerAncestralDiscreteScheduler."""
+    # Works on the variance-exploding x = x_t / sqrt(alpha_bar_t) = x_0 + sigma eps. Each step: an Euler step of
+    # the probability-flow ODE down to sigma_down, then fresh noise of std sigma_up, with
+    # sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion's eta = 1). Noise is drawn from `generator` after
+    # every step, the last one included (times sigma_up = 0), as diffusers' step does.
+    # callback({"i", "t", "x", "denoised"}) after each step, x the VE sample.
+    _check_no_eta("Euler ancestral (it always adds k-diffusion's eta = 1 noise)", eta)
+    if len(timesteps) == 0:
+        raise ValueError("timesteps is empty; get them from schedule.timesteps(num_steps)")
+    ts, sigmas = schedule.euler_schedule(len(timesteps))
+    ts = ts.to(timesteps.device)
+    # diffusers' init_noise_sigma: x_T = sigma_max eps, or sqrt(sigma_max^2 + 1) eps for "leading" spacing
+    sigma_max = sigmas.max()
+    init_noise_sigma = sigma_max if schedule.timestep_spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    x = latents * init_noise_sigma
+    for i in tqdm(range(len(ts)), disable=not progress, desc="Euler a"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        model_output = denoise_fn(x / ((sigma**2 + 1) ** 0.5), ts[i])  # the U-Net sees x_t = x / sqrt(sigma^2 + 1)
+        x = x.float()
+        if schedule.prediction_type == "epsilon":
+            denoised = x - sigma * model_output  # x_0 = x - sigma eps
+        elif schedule.prediction_type == "v_prediction":
+            # x_0 = c_out v + c_skip x, c_out = -sigma / sqrt(sigma^2 + 1), c_skip = 1 / (sigma^2 + 1)
+            denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+        else:  # "sample" (diffusers' scheduler has no "sample" branch)
+            denoised = model_output
+        # ancestral split of the next noise level (k-diffusion get_ancestral_step, eta = 1)
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        d = (x - denoised) / sigma  # dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 3)
+        x_next = x + d * (sigma_down - sigma)  # Euler step to sigma_down
+        noise = randn(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        x_next = x_next + noise * sigma_up  # add back noise up to sigma_next
+        if callback is not None:
+            callback({"i": i, "t": ts[i], "x": x, "denoised": denoised})
+        x = x_next.to(model_output.dtype)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m_karras,
+    "euler_a": sample_euler_ancestral,
+}

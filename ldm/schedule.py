@@ -150,9 +150,7 @@ class NoiseSchedule:
           "linspace": linspace(0, T-1, n) rounded, reversed        -> 999, 888, ..., 0
         """
         spacing = self.timestep_spacing if spacing is None else spacing
-        T = self.num_train_timesteps
-        if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an integer from 1 to num_train_timesteps={T}, got {num_steps!r}")
+        T = self._check_steps(num_steps)
         if spacing == "leading":
             step_ratio = T // num_steps
             ts = (np.arange(0, num_steps) * step_ratio).round()[::-1].copy().astype(np.int64) + self.steps_offset
@@ -164,9 +162,7 @@ class NoiseSchedule:
             ts = np.linspace(0, T - 1, num_steps).round()[::-1].copy().astype(np.int64)
         else:
             raise ValueError(f"timestep spacing {spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}")
-        if ts.max() >= T or ts.min() < 0:
-            raise ValueError(f"{num_steps} {spacing!r} steps with steps_offset={self.steps_offset} reach t={ts.max()}, "
-                             f"outside 0..{T - 1}; use fewer steps or 'trailing' spacing")
+        self._check_range(ts, num_steps, spacing)
         return torch.from_numpy(ts).to(device)
 
     # ---- per-timestep coefficients ---------------------------------------------------------------
@@ -189,6 +185,76 @@ class NoiseSchedule:
         if self.rescale_betas_zero_snr:
             a[-1] = 2**-24
         return ((1 - a) / a) ** 0.5
+
+    # ---- sigma schedules of the k-diffusion-style samplers ---------------------------------------
+
+    def sigma_to_t(self, sigma) -> np.ndarray:
+        """The fractional timestep t with sigma_t = `sigma`: linear interpolation of log sigma between the two
+        neighbouring table entries, clamped to 0 .. T-1 (k-diffusion's `sigma_to_t`, diffusers' `_sigma_to_t`).
+
+        float64 array of sigma's shape. Computed one value at a time with diffusers' numpy expressions (float32
+        table, float64 sigma), so that the rounded timesteps of Karras schedules agree exactly.
+        """
+        log_sigmas = np.log(self.sigmas().numpy())  # (T,) float32, ascending in t
+        sigma = np.asarray(sigma, dtype=np.float64)
+        return np.array([_sigma_to_t(s, log_sigmas) for s in sigma.reshape(-1)], dtype=np.float64).reshape(sigma.shape)
+
+    def dpm_solver_schedule(self, num_steps: int, karras: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps (n,) int64, sigmas (n+1,) float32 ending in 0) of an n-step DPM-Solver run, exactly as
+        diffusers' `DPMSolverMultistepScheduler.set_timesteps` (final_sigmas_type="zero", no lambda clipping).
+
+        Without Karras sigmas the timesteps are spaced over n + 1 points, the last one dropped (so unlike DDIM's,
+        e.g. "leading" at 10 steps: 901, 811, ..., 91), and sigma_i = sigma(t_i). With `karras` the sigmas are
+        `karras_sigmas(n, sigma_0, sigma_{T-1})` whatever the spacing, and t_i = round(sigma_to_t(sigma_i)).
+        """
+        T = self._check_steps(num_steps)
+        table = self.sigmas()
+        if karras:
+            sigmas = karras_sigmas(num_steps, table[0].item(), table[-1].item())
+            ts = self.sigma_to_t(sigmas).round().astype(np.int64)
+        else:
+            if self.timestep_spacing == "leading":
+                step_ratio = T // (num_steps + 1)
+                ts = (np.arange(0, num_steps + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
+                ts += self.steps_offset
+            elif self.timestep_spacing == "linspace":
+                ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+            else:  # "trailing": DDIM's (see `timesteps` for the float-error step diffusers adds, which we drop)
+                ts = self.timesteps(num_steps, "trailing").numpy()
+            self._check_range(ts, num_steps)
+            sigmas = table.numpy()[ts]  # diffusers' np.interp at integer t: the table entries themselves
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # sigma = 0 after the last step: x_0
+        return torch.from_numpy(ts), torch.from_numpy(sigmas)
+
+    def euler_schedule(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps (n,) float32, sigmas (n+1,) float32 ending in 0) of an n-step Euler run, exactly as diffusers'
+        `EulerAncestralDiscreteScheduler.set_timesteps` (and `EulerDiscreteScheduler`'s without Karras sigmas).
+
+        "leading" and "trailing" timesteps are DDIM's (as floats); "linspace" ones are not rounded
+        (25 steps: 999, 957.375, ...), and their sigmas are interpolated linearly in t between table entries.
+        """
+        T = self._check_steps(num_steps)
+        if self.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
+        else:
+            ts = self.timesteps(num_steps).numpy().astype(np.float32)
+        self._check_range(ts, num_steps)
+        sigmas = np.interp(ts, np.arange(0, T), self.sigmas().numpy())  # float64 from the float32 table
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        return torch.from_numpy(ts), torch.from_numpy(sigmas)
+
+    def _check_steps(self, num_steps) -> int:
+        T = self.num_train_timesteps
+        if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be an integer from 1 to num_train_timesteps={T}, got {num_steps!r}")
+        return T
+
+    def _check_range(self, ts: np.ndarray, num_steps: int, spacing: str | None = None) -> None:
+        T = self.num_train_timesteps
+        if ts.max() >= T or ts.min() < 0:
+            spacing = self.timestep_spacing if spacing is None else spacing
+            raise ValueError(f"{num_steps} {spacing!r} steps with steps_offset={self.steps_offset} reach t={ts.max()}, "
+                             f"outside 0..{T - 1}; use fewer steps or 'trailing' spacing")
 
     # ---- forward process and prediction types ----------------------------------------------------
 
@@ -221,6 +287,30 @@ class NoiseSchedule:
             return x0
         a = _per_sample(self.alpha_bar(t).to(x0.device).to(x0.dtype), x0.ndim)
         return a**0.5 * eps - (1 - a) ** 0.5 * x0  # v
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """n sigmas from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5).
+
+    float64, with diffusers' `_convert_to_karras` expressions; rho = 7 is the paper's choice.
+    """
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    # sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def _sigma_to_t(sigma: np.float64, log_sigmas: np.ndarray) -> np.ndarray:
+    """diffusers' `_sigma_to_t` for one sigma (same numpy expressions and dtypes: the rounding matters)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]  # (T, 1)
+    # the last t with log sigma_t <= log sigma, at most T-2 so that t+1 exists
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)  # interpolation weight in log sigma
+    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))  # back to t
 
 
 def _per_sample(a: torch.Tensor, ndim: int) -> torch.Tensor:
