@@ -28,7 +28,7 @@ from ldm.unet import UNet
 from ldm.vae import VAE, load_vae, to_numpy, to_pil, vae_metadata, vae_to_original_state_dict
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_MODEL = ASSETS / "demo" / "model.safetensors"
+DEMO_MODEL = ASSETS / "demo" / "ldm-shapes-demo.safetensors"
 PIPELINE_METADATA = "ldm_pipeline"  # safetensors metadata: prediction type, size, text encoder config
 OUTPUT_TYPES = ("pil", "np", "latent")
 

@@ -99,6 +99,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_train_base):
         train(_cfg(tmp_path / "b", tiny_train_base, data, **common), on_step=kill_at_5)
     ckpts = sorted(p.name for p in (tmp_path / "b" / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-0000002", "step-0000004"]  # kept 2, atomic: no temporary folder left
+    stopped = train(_cfg(tmp_path / "b", tiny_train_base, data, resume="latest", stop_at=6, **common))
+    assert stopped["step"] == 6  # --stop-at: ends early with the schedule of max_steps, resumable
     resumed = train(_cfg(tmp_path / "b", tiny_train_base, data, resume="latest", **common))
     assert resumed["step"] == full["step"] == 7
     a, b = load_file(full["model"]), load_file(resumed["model"])

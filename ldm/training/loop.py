@@ -61,7 +61,8 @@ class TrainConfig:
     cache: bool = False  # precompute VAE latents (and text embeddings when the text encoder is frozen)
     batch_size: int = 1  # global batch per micro-step, over all processes
     grad_accum: int = 1
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps (the LR schedule spans them)
+    stop_at: int = 0  # end the run after this step (0 = at max_steps), schedule unchanged; resumable
     lr: float = 1e-4
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
@@ -108,6 +109,7 @@ class TrainConfig:
             (self.mode == "scratch" and not self.vae and not self.base,
              "mode scratch needs --vae (a VAE trained with --mode vae) or --base to take the VAE from"),
             (self.save_every < 1, f"save_every must be >= 1, got {self.save_every}"),
+            (self.stop_at < 0, f"stop_at must be >= 0, got {self.stop_at}"),
             (self.lora_rank < 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
             (self.prediction_type not in (None, "epsilon", "v_prediction"),
              f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}"),
@@ -353,7 +355,8 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         t_start, samples = time.perf_counter(), 0
         self.wrapped.train()
-        while self.step < c.max_steps:
+        end = min(c.max_steps, c.stop_at) if c.stop_at else c.max_steps
+        while self.step < end:
             total = 0.0
             for micro in range(c.grad_accum):
                 batch = next(batches)
@@ -380,7 +383,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == c.max_steps:
                     log.write(self.step, step_loss, self.lr_scheduler.get_last_lr()[0], rate)
-            if self.step % c.save_every == 0 or self.step == c.max_steps:
+            if self.step % c.save_every == 0 or self.step == end:
                 acc.wait_for_everyone()
                 self.save_checkpoint()
             if c.validate_every and self.step % c.validate_every == 0 and self.step < c.max_steps:
