@@ -361,8 +361,10 @@ def build_unet(config: UNetConfig, sd: dict[str, torch.Tensor], source: str,
 # --------------------------------------------------------------------------- public entry points
 
 
-def stored_unet_config(path: Path) -> UNetConfig | None:
-    """The UNetConfig that ldm stores in the metadata of the safetensors files it writes."""
+def stored_json(path: str | os.PathLike, key: str):
+    """The JSON value that ldm stored under `key` in a safetensors file's metadata, or None
+    (not a safetensors file, unreadable, or no such key)."""
+    path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         return None
     try:
@@ -370,11 +372,22 @@ def stored_unet_config(path: Path) -> UNetConfig | None:
             meta = f.metadata() or {}
     except (SafetensorError, OSError):
         return None
-    if "ldm_unet_config" not in meta:
+    if key not in meta:
         return None
     try:
-        return UNetConfig.from_dict(json.loads(meta["ldm_unet_config"]))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: stored {key} metadata is not valid JSON ({e})") from None
+
+
+def stored_unet_config(path: Path) -> UNetConfig | None:
+    """The UNetConfig that ldm stores in the metadata of the safetensors files it writes."""
+    d = stored_json(path, "ldm_unet_config")
+    if d is None:
+        return None
+    try:
+        return UNetConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: stored ldm_unet_config metadata is invalid ({e})") from None
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from ldm.checkpoint import (SAFETENSORS_SUFFIXES, UNET_PREFIX, build_unet, detect_unet_config, extract_unet_state_dict,
-                            load_unet, read_state_dict, save_safetensors, stored_unet_config)
+from ldm.checkpoint import (UNET_PREFIX, build_unet, detect_unet_config, extract_unet_state_dict, load_unet,
+                            read_state_dict, save_safetensors, stored_json, stored_unet_config)
 from ldm.samplers import SAMPLERS, cfg_combine, randn
 from ldm.schedule import NoiseSchedule
 from ldm.text import SD1_PREFIX, TextEncoder, detect_kind, load_text_encoder, load_tokenizer, text_encoder_from_single_file
@@ -63,19 +62,7 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 
 
 def _single_file_metadata(path: Path) -> dict:
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError):
-        return {}
-    if PIPELINE_METADATA not in meta:
-        return {}
-    try:
-        return json.loads(meta[PIPELINE_METADATA])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: stored {PIPELINE_METADATA} metadata is not valid JSON ({e})") from None
+    return stored_json(path, PIPELINE_METADATA) or {}
 
 
 class Pipeline:

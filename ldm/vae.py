@@ -29,12 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.checkpoint import (
-    DIFFUSERS_WEIGHT_NAMES,
-    SAFETENSORS_SUFFIXES,
-    check_state_dict,
-    read_state_dict,
-)
+from ldm.checkpoint import DIFFUSERS_WEIGHT_NAMES, check_state_dict, read_state_dict, stored_json
 
 VAE_PREFIX = "first_stage_model."
 VAE_CONFIG_METADATA = "ldm_vae_config"  # safetensors metadata key: the AutoencoderKL config as JSON
@@ -265,21 +260,7 @@ def to_pil(decoded: torch.Tensor) -> list:
 
 
 def _stored_config(path: Path) -> dict | None:
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return None
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError):
-        return None
-    if VAE_CONFIG_METADATA not in meta:
-        return None
-    try:
-        return json.loads(meta[VAE_CONFIG_METADATA])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: stored {VAE_CONFIG_METADATA} metadata is not valid JSON ({e})") from None
+    return stored_json(path, VAE_CONFIG_METADATA)
 
 
 def _find_diffusers_vae_folder(path: Path) -> Path | None:
