@@ -267,3 +267,34 @@ def test_from_scratch_vae_then_unet_and_text_encoder(tmp_path):
     a = single("a red block", steps=3, seed=0, output_type="np", progress=False)
     b = folder("a red block", steps=3, seed=0, output_type="np", progress=False)
     assert a.shape == (1, 64, 64, 3) and np.abs(a - b).max() <= 1e-5
+
+
+def test_scratch_text_encoder_options(tmp_path):
+    """--freeze-text-encoder keeps the new text encoder out of training; --text-init-std sets the
+    spread of its token embeddings."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from ldm.checkpoint import save_safetensors
+    from ldm.training.setup import build_models
+    from ldm.vae import VAE, vae_metadata, vae_to_original_state_dict
+
+    vae = VAE(AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8))
+    save_safetensors(vae_to_original_state_dict(vae, prefix=""), tmp_path / "vae.safetensors",
+                     metadata=vae_metadata(vae))
+    (tmp_path / "unet.json").write_text(json.dumps(dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                                                        attention_levels=[1], num_heads=4, context_dim=32,
+                                                        norm_groups=8)))
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=77)
+    cfg = dict(data="unused", mode="scratch", vae=str(tmp_path / "vae.safetensors"),
+               unet_config=str(tmp_path / "unet.json"), text_config=text, resolution=64)
+    frozen = build_models(TrainConfig(**cfg, freeze_text_encoder=True, text_init_std=1.0))
+    assert not any(k.startswith("text_encoder.") for k in frozen.trainable_named_parameters())
+    std = frozen.text_encoder.get_input_embeddings().weight.std().item()
+    assert 0.95 < std < 1.05
+    joint = build_models(TrainConfig(**cfg))
+    assert any(k.startswith("text_encoder.") for k in joint.trainable_named_parameters())
+    assert joint.text_encoder.get_input_embeddings().weight.std().item() < 0.05

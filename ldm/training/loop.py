@@ -38,7 +38,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # fields that must match to resume a run (others, e.g. max_steps or save_every, may change)
 RESUME_MUST_MATCH = ("mode", "base", "vae", "data", "resolution", "batch_size", "grad_accum", "seed", "lr",
                      "lr_scheduler", "warmup_steps", "unet_config", "text_config", "vae_config", "lora_rank",
-                     "lora_alpha", "train_text_encoder", "cache", "center_crop", "random_flip", "caption_dropout",
+                     "lora_alpha", "train_text_encoder", "freeze_text_encoder", "text_init_std", "cache", "center_crop", "random_flip", "caption_dropout",
                      "snr_gamma", "offset_noise", "ema_decay", "optimizer", "prediction_type")
 
 
@@ -52,7 +52,9 @@ class TrainConfig:
     unet_config: str | dict | None = None  # scratch: "sd15", "sd21", a JSON file or a dict (UNetConfig fields)
     text_config: str | dict | None = None  # scratch: CLIPTextConfig JSON file or dict (default: a small one)
     vae_config: str | dict | None = None  # vae from scratch: AutoencoderKL config JSON file or dict
-    train_text_encoder: bool = False  # scratch: always trained jointly
+    train_text_encoder: bool = False  # full: also fine-tune the text encoder (scratch: see freeze_text_encoder)
+    freeze_text_encoder: bool = False  # scratch: keep the new text encoder at its random init (not trained)
+    text_init_std: float = 0.0  # scratch: std of the new token embeddings (0 = CLIP's 0.02)
     prediction_type: str | None = None  # default: the base model's ("epsilon" from scratch)
     resolution: int = 512
     center_crop: bool = True

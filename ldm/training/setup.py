@@ -252,13 +252,18 @@ def build_models(c: TrainConfig):
         torch.manual_seed(c.seed)  # reproducible initialization
         unet = UNet(unet_config)
         text_encoder = CLIPTextModel(text_config)
+        if c.text_init_std:
+            # distinct words from the start: with CLIP's 0.02 init, words the U-Net cannot use yet
+            # (e.g. positions) get no gradient to tell them apart and stay nearly equal
+            with torch.no_grad():
+                text_encoder.get_input_embeddings().weight.normal_(0.0, c.text_init_std)
         vae = load_vae(c.vae or c.base)
         if vae.latent_channels != unet_config.in_channels:
             raise ValueError(f"VAE has {vae.latent_channels} latent channels, U-Net in_channels is "
                              f"{unet_config.in_channels}")
         tokenizer = load_tokenizer()
         schedule = NoiseSchedule(prediction_type=c.prediction_type or "epsilon")
-        train_te = True
+        train_te = not c.freeze_text_encoder
     if c.gradient_checkpointing:
         unet.gradient_checkpointing = True
         if train_te:
