@@ -89,6 +89,8 @@ def main(argv=None) -> int:
         (not args.guidance >= 0 or math.isinf(args.guidance), f"--guidance {args.guidance} must be >= 0"),
         (not args.eta >= 0 or math.isinf(args.eta), f"--eta {args.eta} must be >= 0"),
         (args.n < 1, f"--n {args.n} must be >= 1"),
+        (args.eta != 0 and args.sampler != "ddim",
+         f"--eta {args.eta} applies to --sampler ddim only; drop --eta or use --sampler ddim"),
         (args.batch_size < 1, f"--batch-size {args.batch_size} must be >= 1"),
         (args.clip_skip < 1, f"--clip-skip {args.clip_skip} must be >= 1 (1 = the text encoder's last layer)"),
         (not seed_random and not 0 <= args.seed <= 2**64 - args.n,

@@ -235,6 +235,7 @@ def test_random_seed_is_printed(tiny_sd_folder, tmp_path, capsys):
     (["--steps", "0"], "--steps 0 must be >= 1"),
     (["--guidance", "-1"], "--guidance -1.0 must be >= 0"),
     (["--eta", "-0.5"], "--eta -0.5 must be >= 0"),
+    (["--eta", "0.5", "--sampler", "euler_a"], "--eta 0.5 applies to --sampler ddim only"),
     (["--n", "0"], "--n 0 must be >= 1"),
     (["--clip-skip", "0"], "--clip-skip 0 must be >= 1"),
     (["--seed", "-5"], "--seed -5 must be in"),
