@@ -66,7 +66,7 @@ def _read_pickle(path: Path, prefix: str | None) -> dict[str, torch.Tensor]:
         # malicious pickle cannot execute code; anything else is refused.
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if str(e).strip() else ""
+        reason = _first_line(str(e).split("WeightsUnpickler error:")[-1])
         if "global" in reason.lower():
             name = m.group(1) if (m := re.search(r"GLOBAL (\S+)", reason)) else "a Python object"
             raise ValueError(
@@ -77,9 +77,9 @@ def _read_pickle(path: Path, prefix: str | None) -> dict[str, torch.Tensor]:
             f"{path}: not a readable PyTorch checkpoint (pickle: {reason or type(e).__name__}); "
             "the file may be truncated or not a checkpoint"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - garbage makes the safe unpickler fail in many ways (IndexError, ...)
         raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))[:200]}); "
             "the file may be truncated or not a checkpoint"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -87,6 +87,11 @@ def _read_pickle(path: Path, prefix: str | None) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and (prefix is None or k.startswith(prefix))}
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -391,11 +396,30 @@ def stored_unet_config(path: Path) -> UNetConfig | None:
         raise ValueError(f"{path}: stored ldm_unet_config metadata is invalid ({e})") from None
 
 
-def _find_diffusers_unet_folder(path: Path) -> Path | None:
-    for folder in (path / "unet", path):
+def _find_diffusers_folder(path: Path, component: str) -> Path | None:
+    for folder in (path / component, path):
         if (folder / "config.json").is_file() and any((folder / n).is_file() for n in DIFFUSERS_WEIGHT_NAMES):
             return folder
     return None
+
+
+def _find_diffusers_unet_folder(path: Path) -> Path | None:
+    return _find_diffusers_folder(path, "unet")
+
+
+def diffusers_component(path: Path, component: str) -> tuple[Path, dict, Path]:
+    """(folder, config.json dict, weights file) of a diffusers component: `path/component/` or
+    `path` itself when it is that component's folder."""
+    folder = _find_diffusers_folder(path, component)
+    if folder is None:
+        raise ValueError(f"{path}: not a diffusers model folder (expected {component}/config.json and "
+                         f"{component}/{DIFFUSERS_WEIGHT_NAMES[0]})")
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    weights = next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file())
+    return folder, cfg, weights
 
 
 def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, *, ema: bool = True,
@@ -411,16 +435,8 @@ def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, *, ema:
             f"{path}: not found; pass a .safetensors/.ckpt Stable Diffusion checkpoint or a diffusers folder"
         )
     if path.is_dir():
-        folder = _find_diffusers_unet_folder(path)
-        if folder is None:
-            raise ValueError(f"{path}: not a diffusers model folder (expected unet/config.json and "
-                             f"unet/{DIFFUSERS_WEIGHT_NAMES[0]})")
-        try:
-            diffusers_cfg = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+        folder, diffusers_cfg, weights = diffusers_component(path, "unet")
         config = config or unet_config_from_diffusers(diffusers_cfg, source=str(folder / "config.json"))
-        weights = next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file())
         sd = unet_from_diffusers_state_dict(read_state_dict(weights), config, source=str(weights))
         return build_unet(config, sd, str(weights), device, dtype)
     sd = extract_unet_state_dict(read_state_dict(path), ema=ema, source=str(path))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.checkpoint import DIFFUSERS_WEIGHT_NAMES, check_state_dict, read_state_dict, stored_json
+from ldm.checkpoint import check_state_dict, diffusers_component, read_state_dict, stored_json
 
 VAE_PREFIX = "first_stage_model."
 VAE_CONFIG_METADATA = "ldm_vae_config"  # safetensors metadata key: the AutoencoderKL config as JSON
@@ -263,13 +263,6 @@ def _stored_config(path: Path) -> dict | None:
     return stored_json(path, VAE_CONFIG_METADATA)
 
 
-def _find_diffusers_vae_folder(path: Path) -> Path | None:
-    for folder in (path / "vae", path):
-        if (folder / "config.json").is_file() and any((folder / n).is_file() for n in DIFFUSERS_WEIGHT_NAMES):
-            return folder
-    return None
-
-
 def _bare_vae_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
     """The VAE tensors of a single file without prefix, their layout ("original" / "diffusers")
     and the prefix they had in the file."""
@@ -323,7 +316,7 @@ def _build_vae(config: dict, sd: dict[str, torch.Tensor], source: str,
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:  # check_state_dict makes this unreachable; kept one-line for safety
-        raise ValueError(f"{source}: {str(e).strip().splitlines()[0]}") from None
+        raise ValueError(f"{source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
     return VAE(model).eval().requires_grad_(False)
 
 
@@ -342,17 +335,9 @@ def load_vae(path: str | os.PathLike, config: dict | None = None, *,
         raise FileNotFoundError(f"{path}: not found; pass a .safetensors/.ckpt Stable Diffusion checkpoint, "
                                 "a standalone VAE file or a diffusers folder")
     if path.is_dir():
-        folder = _find_diffusers_vae_folder(path)
-        if folder is None:
-            raise ValueError(f"{path}: not a diffusers model folder (expected vae/config.json and "
-                             f"vae/{DIFFUSERS_WEIGHT_NAMES[0]})")
-        try:
-            cfg = json.loads((folder / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+        folder, cfg, weights = diffusers_component(path, "vae")
         if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"{folder / 'config.json'}: a {cfg['_class_name']}, not an AutoencoderKL")
-        weights = next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file())
         sd = _rename_deprecated_attention(read_state_dict(weights))
         return _build_vae({**cfg, **(config or {})}, sd, str(weights), device, dtype)
 

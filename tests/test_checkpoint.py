@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,10 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="notes.safetensors: not a readable safetensors file"):
         load_unet(p)
     q = tmp_path / "notes.ckpt"
-    q.write_bytes(os.urandom(4096))
-    with pytest.raises(ValueError, match="notes.ckpt: not a readable PyTorch checkpoint"):
-        load_unet(q)
+    for seed in range(20):  # many kinds of garbage: each a clear one-line error
+        q.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(ValueError, match="notes.ckpt: not a readable PyTorch checkpoint"):
+            load_unet(q)
 
 
 def test_truncated_safetensors(tmp_path):
