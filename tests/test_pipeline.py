@@ -110,7 +110,7 @@ def test_single_file_round_trip(tiny_sd_folder, tiny_sd2_folder, tmp_path):
         assert np.array_equal(a, b)
 
 
-def test_bad_arguments(tiny_sd_folder, tmp_path):
+def test_bad_arguments(tiny_sd_folder, tmp_path, monkeypatch):
     pipe = Pipeline.from_pretrained(tiny_sd_folder)
     cases = [(dict(steps=0), "steps must be an integer >= 1"), (dict(guidance_scale=-1), "guidance_scale must be >= 0"),
              (dict(height=60), "height 60 must be a positive multiple of 8"), (dict(eta=-0.1), "eta must be >= 0"),
@@ -119,8 +119,16 @@ def test_bad_arguments(tiny_sd_folder, tmp_path):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             pipe("a circle", progress=False, **kwargs)
+    # a hub-style id is refused locally: no download is attempted (any hub call would fail this test)
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("ldm tried to reach the model hub")
+
+    for name in ("hf_hub_download", "snapshot_download"):
+        monkeypatch.setattr(huggingface_hub, name, no_network)
     with pytest.raises(FileNotFoundError, match="looks like a model hub id; ldm never downloads"):
-        Pipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+        Pipeline.from_pretrained("org/model-name")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "unet").mkdir()
     with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
