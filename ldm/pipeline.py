@@ -212,7 +212,7 @@ class Pipeline:
         import shutil
         import tempfile
 
-        from ldm.checkpoint import save_unet_diffusers, unet_config_to_diffusers
+        from ldm.checkpoint import save_unet_diffusers
         from ldm.vae import save_vae_diffusers
 
         folder = Path(folder)
@@ -224,7 +224,6 @@ class Pipeline:
             save_unet_diffusers(self.unet, tmp / "unet")
             unet_cfg = json.loads((tmp / "unet" / "config.json").read_text())
             unet_cfg["sample_size"] = self.default_size[0] // self.vae.downsample_factor
-            assert unet_cfg.keys() >= unet_config_to_diffusers(self.unet.config).keys()
             (tmp / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
             save_vae_diffusers(self.vae, tmp / "vae")
             self.text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)

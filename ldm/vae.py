@@ -127,13 +127,18 @@ def original_vae_key(key: str, levels: int) -> str:
                lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.", k)
     k = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", k)
     if ".mid_block.attentions.0." in k:
-        head, leaf = k.split(".mid_block.attentions.0.")
-        for theirs, ours in _ATTN_LEAVES.items():
-            if leaf.startswith(theirs):
-                leaf = ours + leaf[len(theirs):]
-                break
-        k = f"{head}.mid.attn_1.{leaf}"
+        k = _rename_mid_attention(k, _ATTN_LEAVES, "mid.attn_1")
     return k.replace(".conv_shortcut.", ".nin_shortcut.")
+
+
+def _rename_mid_attention(key: str, leaves: dict[str, str], block: str) -> str:
+    """`<head>.mid_block.attentions.0.<leaf>` -> `<head>.<block>.<leaf>`, the leaf's start renamed by `leaves`."""
+    head, leaf = key.split(".mid_block.attentions.0.")
+    for old, new in leaves.items():
+        if leaf.startswith(old):
+            leaf = new + leaf[len(old):]
+            break
+    return f"{head}.{block}.{leaf}"
 
 
 def _is_attn_matrix(original_key: str) -> bool:
@@ -290,17 +295,8 @@ def _bare_vae_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
 
 def _rename_deprecated_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Old diffusers files name the mid attention query/key/value/proj_attn."""
-    out = {}
-    for k, v in sd.items():
-        if ".mid_block.attentions.0." in k:
-            head, leaf = k.split(".mid_block.attentions.0.")
-            for old, new in _DEPRECATED_ATTN.items():
-                if leaf.startswith(old):
-                    leaf = new + leaf[len(old):]
-                    break
-            k = f"{head}.mid_block.attentions.0.{leaf}"
-        out[k] = v
-    return out
+    return {_rename_mid_attention(k, _DEPRECATED_ATTN, "mid_block.attentions.0")
+            if ".mid_block.attentions.0." in k else k: v for k, v in sd.items()}
 
 
 def _build_vae(config: dict, sd: dict[str, torch.Tensor], source: str,

@@ -74,13 +74,15 @@ def main(argv=None) -> int:
         base = small_pipeline(tmp / "base", args.resolution)
         image_folder(tmp / "data", args.images, args.resolution)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size}, "
-              f"{args.resolution}px, U-Net {sum(p.numel() for p in Pipeline_unet(base)) / 1e6:.1f}M parameters")
+              f"{args.resolution}px")
         for cache in (False, True):
             times = []
             cfg = TrainConfig(data=str(tmp / "data"), output_dir=str(tmp / f"run{cache}"), mode="full", base=str(base),
                               resolution=args.resolution, batch_size=args.batch_size,
                               max_steps=args.steps + args.warmup, cache=cache, save_every=10**9, lr=1e-4)
             trainer = Trainer(cfg)
+            if not cache:
+                print(f"  U-Net {sum(p.numel() for p in trainer.models.unet.parameters()) / 1e6:.1f}M parameters")
             last = [time.perf_counter()]
 
             def on_step(step):
@@ -93,12 +95,6 @@ def main(argv=None) -> int:
             rate = args.batch_size * len(times) / sum(times)
             print(f"  cache={'on ' if cache else 'off'}  {rate:7.2f} samples/s  ({sum(times) / len(times):.3f} s/step)")
     return 0
-
-
-def Pipeline_unet(folder):
-    from ldm.checkpoint import load_unet
-
-    return load_unet(folder).parameters()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
 """Reading U-Nets from single files and diffusers folders, export, and refusal of bad input."""
 
 import json
-import os
 import pickle
 import random
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import ldm
-from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
+from conftest import tiny_sd1_config, tiny_sd2_config
 from ldm.checkpoint import (detect_unet_config, load_unet, read_state_dict, save_unet_diffusers,
                             save_unet_single_file)
 from ldm.unet import UNet, random_weights_

@@ -6,7 +6,6 @@ Whole trajectories with a fake deterministic denoiser, step by step, against dif
 """
 
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -13,12 +13,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -105,8 +105,8 @@ class TrainConfig:
             (self.mixed_precision not in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
             (self.lr_scheduler not in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
             (not 0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}"),
-            (self.ema_decay != 0 and not 0 < self.ema_decay < 1, f"ema_decay must be 0 (off) or in (0, 1)"),
-            (self.optimizer not in ("adamw", "adamw8bit"), f"optimizer must be adamw or adamw8bit"),
+            (self.ema_decay != 0 and not 0 < self.ema_decay < 1, "ema_decay must be 0 (off) or in (0, 1)"),
+            (self.optimizer not in ("adamw", "adamw8bit"), "optimizer must be adamw or adamw8bit"),
             (self.mode in ("full", "lora") and not self.base, f"mode {self.mode} needs --base (the model to fine-tune)"),
             (self.mode == "scratch" and not self.vae and not self.base,
              "mode scratch needs --vae (a VAE trained with --mode vae) or --base to take the VAE from"),
@@ -364,7 +364,7 @@ class Trainer:
                 batch = next(batches)
                 g = step_generator(c.seed, self.step, micro)
                 sync = micro == c.grad_accum - 1
-                ctx = acc.no_sync(self.wrapped) if not sync and acc.num_processes > 1 else _nullcontext()
+                ctx = acc.no_sync(self.wrapped) if not sync and acc.num_processes > 1 else nullcontext()
                 with ctx, acc.autocast():
                     loss = self.models.loss(self.wrapped, batch, g, sl, c)
                     acc.backward(loss / c.grad_accum)
@@ -423,14 +423,6 @@ class Trainer:
         return self._with_ema(lambda: self.models.validate(path, self.cfg))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 class LossLog:
     """CSV of step, loss, lr, samples/s, wall time (appended to on resume)."""
 
@@ -457,12 +449,12 @@ class LossLog:
 
 
 def read_losses(path: Path) -> tuple[list[int], list[float]]:
-    steps, losses = {}, {}
+    by_step = {}
     with open(path) as f:
         for row in csv.DictReader(f):
-            steps[int(row["step"])] = float(row["loss"])  # a resumed run rewrites steps: keep the last
-    keys = sorted(steps)
-    return keys, [steps[k] for k in keys]
+            by_step[int(row["step"])] = float(row["loss"])  # a resumed run rewrites steps: keep the last
+    steps = sorted(by_step)
+    return steps, [by_step[k] for k in steps]
 
 
 def plot_losses(csv_path: Path, png_path: Path) -> Path:
