@@ -439,7 +439,14 @@ def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, *, ema:
         config = config or unet_config_from_diffusers(diffusers_cfg, source=str(folder / "config.json"))
         sd = unet_from_diffusers_state_dict(read_state_dict(weights), config, source=str(weights))
         return build_unet(config, sd, str(weights), device, dtype)
-    sd = extract_unet_state_dict(read_state_dict(path), ema=ema, source=str(path))
+    return unet_from_single_file(path, read_state_dict(path), config, ema=ema, device=device, dtype=dtype)
+
+
+def unet_from_single_file(path: Path, state_dict: dict[str, torch.Tensor], config: UNetConfig | None = None, *,
+                          ema: bool = True, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> UNet:
+    """The U-Net of a single file whose tensors were already read (`state_dict`, every key of `path`)."""
+    sd = extract_unet_state_dict(state_dict, ema=ema, source=str(path))
     config = config or stored_unet_config(path) or detect_unet_config(sd, source=str(path))
     return build_unet(config, sd, str(path), device, dtype)
 

@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ldm.checkpoint import (UNET_PREFIX, build_unet, detect_unet_config, extract_unet_state_dict, load_unet,
-                            read_state_dict, save_safetensors, stored_json, stored_unet_config)
+from ldm.checkpoint import (UNET_PREFIX, load_unet, read_state_dict, save_safetensors, stored_json,
+                            unet_from_single_file)
 from ldm.samplers import SAMPLERS, cfg_combine, randn
 from ldm.schedule import NoiseSchedule
 from ldm.text import SD1_PREFIX, TextEncoder, detect_kind, load_text_encoder, load_tokenizer, text_encoder_from_single_file
@@ -143,10 +143,7 @@ class Pipeline:
     def _from_single_file(cls, path: Path, prediction_type: str | None, ema: bool) -> Pipeline:
         sd = read_state_dict(path)
         meta = _single_file_metadata(path)
-        unet_sd = extract_unet_state_dict(sd, ema=ema, source=str(path))
-        unet_config = stored_unet_config(path) or detect_unet_config(unet_sd, source=str(path))
-        unet = build_unet(unet_config, unet_sd, str(path), dtype=torch.float32)
-        del unet_sd
+        unet = unet_from_single_file(path, sd, ema=ema, dtype=torch.float32)
         vae = load_vae(path)
         kind = meta.get("text_kind") or detect_kind(sd)
         text_encoder = text_encoder_from_single_file(sd, kind, config=meta.get("text_encoder_config"))
