@@ -550,7 +550,7 @@ def _to_uint8(images) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def evaluate(pipe, n: int = 240, steps: int = 25, guidance: float = 5.0, seed: int = 10_000_000,
+def evaluate(pipe, n: int = 240, steps: int = 25, guidance: float | None = None, seed: int = 10_000_000,
              batch_size: int = 16, keep_images: bool = False, progress=None) -> dict:
     """Generate eval_prompts(n, seed) with `pipe` (image i from seed + i) and score every image.
 
@@ -560,6 +560,8 @@ def evaluate(pipe, n: int = 240, steps: int = 25, guidance: float = 5.0, seed: i
     verdicts}]}, plus "images" (N, H, W, 3) uint8 when keep_images."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if guidance is None:  # the model's recommended value
+        guidance = getattr(pipe, "default_guidance", 7.5)
     prompts = eval_prompts(n, seed)
     items, kept = [], []
     for start in range(0, n, batch_size):

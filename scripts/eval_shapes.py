@@ -36,8 +36,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=240, help="number of images: a quarter held-out pairs, a quarter "
                    "two-object, half single objects (at 240 a 60-image group's standard error is up to 6.5 points)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=5.0,
-                   help="classifier-free guidance scale; compare models at the same value")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; compare models at the same value (default: the model's "
+                   "recommended value, stored in its file; 7.5 if none)")
     p.add_argument("--seed", type=int, default=10_000_000,
                    help="seed of the prompt set and of image 0 (image i: seed + i); far from training seeds")
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     problems = [
         (args.n < 1, f"--n {args.n} must be >= 1"),
         (args.steps < 1, f"--steps {args.steps} must be >= 1"),
-        (not args.guidance >= 0, f"--guidance {args.guidance} must be >= 0"),
+        (args.guidance is not None and not args.guidance >= 0, f"--guidance {args.guidance} must be >= 0"),
         (args.batch_size < 1, f"--batch-size {args.batch_size} must be >= 1"),
         (args.seed < 0, f"--seed {args.seed} must be >= 0"),
         (args.weights is not None and not Path(args.weights).exists(),
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     def progress(done, total):
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
-    result = evaluate(pipe, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    guidance = pipe.default_guidance if args.guidance is None else args.guidance
+    result = evaluate(pipe, n=args.n, steps=args.steps, guidance=guidance, seed=args.seed,
                       batch_size=args.batch_size, keep_images=args.out is not None, progress=progress)
     print(file=sys.stderr)
     result["settings"]["weights"] = str(pipe.model_path) if pipe.model_path is not None else pipe.model_name

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Package a trained model as the embedded demo model (ldm/assets/demo/model.safetensors).
+"""Package a trained model as the embedded demo model (ldm/assets/demo/ldm-shapes-demo.safetensors).
 
 Floating-point tensors are stored as float16 (loaded back as float32); the configs stay in the
 file's metadata. Source: a final model.safetensors, or a checkpoint of a run in progress (its EMA
@@ -50,8 +50,13 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a final model.safetensors written by scripts/train.py")
     src.add_argument("--checkpoint", help="a checkpoints/step-N folder of a run")
-    p.add_argument("--out", default=None, help="destination (default: ldm/assets/demo/model.safetensors)")
+    p.add_argument("--out", default=None, help="destination (default: ldm/assets/demo/ldm-shapes-demo.safetensors)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the model's recommended guidance scale, stored in the file: txt2img.py and "
+                   "eval_shapes.py use it when --guidance is not given (default: keep the source's)")
     args = p.parse_args(argv)
+    if args.guidance is not None and not args.guidance >= 0:
+        p.error(f"--guidance {args.guidance} must be >= 0")
 
     from safetensors import safe_open
 
@@ -75,6 +80,12 @@ def main(argv=None) -> int:
             return 2
     tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     meta["ldm_demo_source"] = str(args.checkpoint or args.model)
+    if args.guidance is not None:
+        from ldm.pipeline import PIPELINE_METADATA
+
+        pipeline_meta = json.loads(meta.get(PIPELINE_METADATA, "{}"))
+        pipeline_meta["guidance_scale"] = args.guidance
+        meta[PIPELINE_METADATA] = json.dumps(pipeline_meta)
     save_safetensors(tensors, out, metadata=meta)
     size_mb = out.stat().st_size / 2**20
     print(f"{out}: {size_mb:.1f} MiB, {sum(v.numel() for v in tensors.values()) / 1e6:.1f}M parameters (float16)")

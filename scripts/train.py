@@ -42,6 +42,7 @@ HELP = {
     "center_crop": "center crop (else a random crop per epoch); --no-center-crop for random",
     "random_flip": "horizontal flip with probability 0.5",
     "caption_dropout": "probability of training on an empty caption (needed for classifier-free guidance)",
+    "shapes_two_objects": "--data shapes: share of two-object scenes (the rest hold one object)",
     "cache": "precompute VAE latents (and text embeddings when the text encoder is frozen): much faster on a CPU",
     "batch_size": "global batch per micro-step, over all processes",
     "grad_accum": "micro-steps per optimizer step (effective batch = batch_size * grad_accum)",

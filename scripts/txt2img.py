@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None,
                    help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder (default: embedded demo model)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<= 1: none)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (<= 1: none) "
+                   "(default: the model's recommended value: 7.5, unless its file stores one, as the demo model does)")
     p.add_argument("--seed", type=int, default=None, help="seed of image 0; image i uses seed+i (default: random, printed)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
         (args.width is not None and (args.width < 8 or args.width % 8),
          f"--width {args.width} must be a positive multiple of 8"),
         (args.steps < 1, f"--steps {args.steps} must be >= 1"),
-        (not args.guidance >= 0 or math.isinf(args.guidance), f"--guidance {args.guidance} must be >= 0"),
+        (args.guidance is not None and (not args.guidance >= 0 or math.isinf(args.guidance)),
+         f"--guidance {args.guidance} must be >= 0"),
         (not args.eta >= 0 or math.isinf(args.eta), f"--eta {args.eta} must be >= 0"),
         (args.n < 1, f"--n {args.n} must be >= 1"),
         (args.eta != 0 and args.sampler != "ddim",
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
                 return _error(str(e))
             loras[model_display_name(f)] = file_sha256(f)[:12]
     height, width = args.height or pipe.default_size[0], args.width or pipe.default_size[1]
+    guidance = pipe.default_guidance if args.guidance is None else args.guidance
     seed = random.SystemRandom().randrange(2**32) if seed_random else args.seed
     if seed_random:
         print(f"seed: {seed}", file=sys.stderr)
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
         count = min(args.batch_size, args.n - start)
         try:
             images = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                          guidance_scale=args.guidance, eta=args.eta, seed=seed + start, height=height, width=width,
+                          guidance_scale=guidance, eta=args.eta, seed=seed + start, height=height, width=width,
                           num_images=count, output_type="pil", sampler=args.sampler, clip_skip=args.clip_skip,
                           progress=True)
         except ValueError as e:
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
         for i, image in enumerate(images):
             path = save_generated(
                 image, out, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                sampler=args.sampler, guidance=args.guidance, seed=seed + start + i, width=width, height=height,
+                sampler=args.sampler, guidance=guidance, seed=seed + start + i, width=width, height=height,
                 model_hash=model_hash, model_name=model_name, eta=args.eta, clip_skip=args.clip_skip,
                 settings={"prediction_type": pipe.schedule.prediction_type, "device": str(pipe.device),
                           "dtype": str(pipe.dtype).removeprefix("torch."), "lora_scale": args.lora_scale},

@@ -110,6 +110,19 @@ def test_single_file_round_trip(tiny_sd_folder, tiny_sd2_folder, tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_recommended_guidance_travels_with_the_file(tiny_sd_folder, tmp_path):
+    """A file may store its recommended guidance scale; guidance_scale=None uses it (7.5 without one)."""
+    pipe = Pipeline.from_pretrained(tiny_sd_folder)
+    assert pipe.default_guidance == 7.5
+    pipe.default_guidance = 3.0
+    loaded = Pipeline.from_pretrained(pipe.save_single_file(tmp_path / "g.safetensors"))
+    assert loaded.default_guidance == 3.0
+    a = loaded("a circle", steps=2, seed=1, output_type="latent", progress=False)
+    b = loaded("a circle", steps=2, seed=1, guidance_scale=3.0, output_type="latent", progress=False)
+    c = loaded("a circle", steps=2, seed=1, guidance_scale=7.5, output_type="latent", progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_bad_arguments(tiny_sd_folder, tmp_path, monkeypatch):
     pipe = Pipeline.from_pretrained(tiny_sd_folder)
     cases = [(dict(steps=0), "steps must be an integer >= 1"), (dict(guidance_scale=-1), "guidance_scale must be >= 0"),

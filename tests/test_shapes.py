@@ -256,6 +256,7 @@ class FakePipe:
 
     def __init__(self, blank=False):
         self.blank, self.calls = blank, []
+        self.default_guidance = 4.0  # a model's recommended guidance, used when none is given
 
     def __call__(self, prompt, steps=25, guidance_scale=7.5, seed=0, num_images=1, output_type="pil", progress=True,
                  **kw):
@@ -303,6 +304,7 @@ def test_script(tmp_path, monkeypatch, capsys):
     assert "two objects" in printed and "100.0%" in printed
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["settings"]["n"] == 24 and len(data["items"]) == 24
+    assert data["settings"]["guidance"] == 4.0 and {c[2] for c in pipe.calls} == {4.0}  # the model's default
     assert (out / "contact_sheet.png").is_file() and (out / "results.json").is_file()
 
     monkeypatch.setattr(pipeline.Pipeline, "from_pretrained",

@@ -281,6 +281,6 @@ def test_help_shows_defaults(capsys, monkeypatch):
     code, stdout, _ = _run(["--help"], capsys)
     assert code == 0
     for text in ("--prompt", "--negative-prompt", "--weights", "--steps", "(default: 25)", "--guidance",
-                 "(default: 7.5)", "--seed", "--height", "--width", "--n", "--eta", "--sampler", "ddim",
+                 "(default: the model's recommended value", "--seed", "--height", "--width", "--n", "--eta", "--sampler", "ddim",
                  "--clip-skip", "--out", "(default: outputs)", "--device", "--dtype"):
         assert text in stdout

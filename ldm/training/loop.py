@@ -60,6 +60,7 @@ class TrainConfig:
     center_crop: bool = True
     random_flip: bool = False
     caption_dropout: float = 0.0  # probability of an empty caption (for classifier-free guidance)
+    shapes_two_objects: float = 0.3  # data=shapes: share of two-object scenes
     cache: bool = False  # precompute VAE latents (and text embeddings when the text encoder is frozen)
     batch_size: int = 1  # global batch per micro-step, over all processes
     grad_accum: int = 1
@@ -112,6 +113,8 @@ class TrainConfig:
              "mode scratch needs --vae (a VAE trained with --mode vae) or --base to take the VAE from"),
             (self.save_every < 1, f"save_every must be >= 1, got {self.save_every}"),
             (self.stop_at < 0, f"stop_at must be >= 0, got {self.stop_at}"),
+            (not 0 <= self.shapes_two_objects <= 1,
+             f"shapes_two_objects must be in [0, 1], got {self.shapes_two_objects}"),
             (self.lora_rank < 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
             (self.prediction_type not in (None, "epsilon", "v_prediction"),
              f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}"),

@@ -333,7 +333,7 @@ def load_dataset(c: TrainConfig, main: bool = True):
     if c.data == "shapes":
         from ldm.shapes import ShapesDataset
 
-        dataset = ShapesDataset(seed=c.seed, image_size=c.resolution)
+        dataset = ShapesDataset(seed=c.seed, image_size=c.resolution, p_two=c.shapes_two_objects)
     else:
         dataset = d.load_training_dataset(c.data, c.resolution, crop="center" if c.center_crop else "random",
                                           random_flip=c.random_flip, caption_dropout=c.caption_dropout, seed=c.seed)

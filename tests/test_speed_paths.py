@@ -1,0 +1,121 @@
+"""The inference speed paths (issue 6) compute what the plain path computes.
+
+channels_last, cached text keys/values and native bfloat16 norms change how the U-Net runs, not
+what it returns; each is checked here against the plain path (and against diffusers through the
+pipeline parity tests, which run with them on).
+"""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
+from ldm.pipeline import Pipeline, prepare_unet
+from ldm.unet import GroupNorm32, UNet, random_weights_
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _inputs(config, seed=0, batch=2, side=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, side, side, generator=g)
+    context = torch.randn(batch, 77, config.context_dim, generator=g)
+    return x, torch.tensor([10, 900]), context
+
+
+@pytest.mark.parametrize("make_config", [tiny_sd1_config, tiny_sd2_config])
+@torch.no_grad()
+def test_channels_last_and_cached_context_match_plain_and_diffusers(make_config):
+    config = make_config()
+    plain = random_weights_(UNet(config), seed=3).eval()
+    fast = prepare_unet(copy.deepcopy(plain), "cpu")
+    assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    theirs = diffusers_unet(config, plain.state_dict())
+    x, t, context = _inputs(config)
+    ref = plain(x, t, context)
+    with fast.cached_context(context):
+        cached = fast(x, t, context)
+        other = torch.randn_like(context)
+        # another context inside the block is not served the cached keys/values
+        torch.testing.assert_close(fast(x, t, other), plain(x, t, other), rtol=0, atol=1e-5)
+    assert all(m.cached_kv is None for m in fast.modules() if hasattr(m, "cached_kv")), "cache left behind"
+    torch.testing.assert_close(cached, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached, theirs(x, t, encoder_hidden_states=context).sample, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_cached_context_is_exact_and_cleared_on_error():
+    config = tiny_sd1_config()
+    unet = random_weights_(UNet(config), seed=4).eval()
+    x, t, context = _inputs(config)
+    ref = unet(x, t, context)
+    with unet.cached_context(context):
+        assert torch.equal(unet(x, t, context), ref)  # same arithmetic, computed once
+    with pytest.raises(RuntimeError):
+        with unet.cached_context(context):
+            raise RuntimeError("boom")
+    assert all(m.cached_kv is None for m in unet.modules() if hasattr(m, "cached_kv"))
+
+
+def test_bf16_group_norm_runs_natively_and_matches_the_float32_upcast():
+    norm = GroupNorm32(4, 16)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(2, 16, 8, 8) * 3 + 1
+    native = norm.to(torch.bfloat16)(x.to(torch.bfloat16))
+    upcast = torch.nn.functional.group_norm(x.to(torch.bfloat16).float(), 4, norm.weight.float(), norm.bias.float(),
+                                            norm.eps).to(torch.bfloat16)
+    assert native.dtype == torch.bfloat16
+    torch.testing.assert_close(native.float(), upcast.float(), rtol=0, atol=0.05)  # ~2 bf16 ulps at |y| <= 4
+
+
+def test_in_place_silu_keeps_gradients():
+    config = tiny_sd1_config()
+    unet = random_weights_(UNet(config), seed=5)
+    plain = copy.deepcopy(unet)
+    for m in plain.modules():  # the same network with out-of-place SiLUs
+        if isinstance(m, torch.nn.SiLU):
+            m.inplace = False
+    x, t, context = _inputs(config)
+    unet(x, t, context).square().mean().backward()
+    plain(x, t, context).square().mean().backward()
+    for (name, a), b in zip(unet.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_pipeline_bf16_image_close_to_fp32(tiny_sd_folder):
+    fp32 = Pipeline.from_pretrained(tiny_sd_folder, device="cpu", dtype="float32")
+    bf16 = Pipeline.from_pretrained(tiny_sd_folder, device="cpu", dtype="bfloat16")
+    a = fp32("a red circle", steps=10, guidance_scale=5, seed=1, output_type="np", progress=False)
+    b = bf16("a red circle", steps=10, guidance_scale=5, seed=1, output_type="np", progress=False)
+    psnr = 10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2))
+    assert np.isfinite(b).all() and psnr >= 30, psnr
+
+
+def test_benchmark_script_runs_on_a_small_folder(tiny_sd_folder, tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--weights", str(tiny_sd_folder), "--sizes", "64",
+         "--dtypes", "fp32", "bf16", "--repeats", "1", "--warmup", "0", "--steps", "2", "--e2e-size", "64",
+         "--memory-size", "128", "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert [(u["size"], u["dtype"]) for u in r["unet"]] == [(64, "fp32"), (64, "bf16")]
+    assert r["unet"][0]["rel_diff_vs_diffusers"] < 1e-4 and r["unet"][0]["tflop"] > 0
+    assert r["e2e"]["image_max_abs_ldm_vs_diffusers"] < 2e-3
+    assert r["e2e"]["ldm_fp32"]["run_peak_gib"] > 0 and r["e2e"]["diffusers_fp32"]["run_peak_gib"] > 0
+    assert {p["part"] for p in r["parts"]} == {"vae decode 512px", "text encode (prompt + empty negative)"}
+    assert [m["job"] for m in r["memory"]] == ["vae-full", "vae-tiled", "unet-ldm", "unet-diffusers"]
+    assert all(m["peak_gib"] > 0 and m["finite"] for m in r["memory"])
+    assert "| 64 | fp32 |" in done.stdout
+
+
+def test_benchmark_refuses_a_non_folder(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--weights", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "not a diffusers folder" in done.stderr
