@@ -151,6 +151,7 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
         self.cached_kv: tuple | None = None  # (context, k, v), set by UNet.cached_context
+        self.query_chunk: int | None = None  # set by UNet.set_attention_slicing
 
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = context.shape
@@ -165,7 +166,11 @@ class CrossAttention(nn.Module):
             k, v = self.cached_kv[1:]
         else:
             k, v = self.key_value(x if context is None else context)
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v: (B, nh, L, hd)
+        n = self.query_chunk
+        if n and L > n:  # each query row's softmax is its own: chunks of queries give the same result
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + n], k, v) for i in range(0, L, n)], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v: (B, nh, L, hd)
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh*hd)
         return self.to_out(out)
 
@@ -357,6 +362,21 @@ class UNet(nn.Module):
         finally:
             for m in layers:
                 m.cached_kv = None
+
+    def set_attention_slicing(self, query_chunk: int | None) -> UNet:
+        """Run attention on at most `query_chunk` queries at a time (None: all at once).
+
+        Only matters where scaled_dot_product_attention falls back to its plain kernel, which holds
+        the whole (L x L) score matrix: 2 x 8 x 16384^2 floats = 17 GB for one 1024x1024 SD1 step
+        (e.g. on Apple MPS). The flash / memory-efficient kernels used on CPUs and CUDA GPUs never
+        hold it, so there it only costs time.
+        """
+        if query_chunk is not None and query_chunk < 1:
+            raise ValueError(f"query_chunk must be >= 1 or None, got {query_chunk}")
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.query_chunk = query_chunk
+        return self
 
     def _run(self, block: TimestepEmbedSequential, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -4,17 +4,20 @@
 Everything is measured side by side in one run, ldm and diffusers interleaved so machine noise
 hits both alike; the figures that matter are the ratios (diffusers time / ldm time).
 
-  unet   one classifier-free-guidance U-Net step (batch 2) at each --sizes, for each --dtypes:
-         ldm as its pipeline runs it (channels_last, text keys/values cached across steps, bf16
-         weights for bf16) against diffusers' UNet2DConditionModel (fp32, or fp32 weights under
-         bf16 autocast for bf16); output difference; FLOPs (torch.utils.flop_counter) and the
-         achieved FLOP/s as a share of a matmul peak measured in this run.
-  parts  VAE decode and prompt encoding, ldm against diffusers.
-  memory large images (--memory-size): VAE decode whole and tiled, one U-Net step of each library,
-         each in a fresh process: peak memory of the job alone.
-  e2e    txt2img at --e2e-size, --steps DDIM steps, guidance 7.5, each library in a fresh child
-         process (so peak memory is its own): time, peak RSS (CPU) or peak allocated (CUDA),
-         the image; ldm bf16 against ldm fp32 as PSNR.
+  unet     one classifier-free-guidance U-Net step (batch 2) at each --sizes, for each --dtypes:
+           ldm as its pipeline runs it (channels_last, text keys/values cached across steps, bf16
+           weights for bf16) against diffusers' UNet2DConditionModel (fp32, or fp32 weights under
+           bf16 autocast for bf16); output difference; FLOPs (torch.utils.flop_counter) and the
+           achieved FLOP/s as a share of a matmul peak measured in this run.
+  profile  self time per op type (convolution, attention, matmul, norms, copies, ...) of one U-Net
+           step of each library at --profile-size: where the time goes.
+  parts    VAE decode and prompt encoding, ldm against diffusers.
+  memory   large images (--memory-size): VAE decode whole and tiled, one U-Net step of each
+           library; and one 512px self-attention on the plain SDPA kernel, whole and sliced
+           (UNet.set_attention_slicing); each in a fresh process: peak memory of the job alone.
+  e2e      txt2img at --e2e-size, --steps DDIM steps, guidance 7.5, each library in a fresh child
+           process (so peak memory is its own): time, peak RSS (CPU) or peak allocated (CUDA),
+           the image; ldm bf16 against ldm fp32 as PSNR.
 
 Weights: an SD1.5-size model with random weights (written once as a diffusers folder under
 --cache-dir), or --weights (a diffusers folder).
@@ -237,6 +240,61 @@ def _prepared(unet, device):
     return prepare_unet(unet, device)
 
 
+OP_GROUPS = (  # profiler op name -> what it is, for the time-per-op-type table
+    ("convolution", ("convolution", "conv2d", "cudnn_conv")), ("attention (SDPA)", ("scaled_dot_product", "attention")),
+    ("linear / matmul", ("addmm", "aten::mm", "bmm", "matmul", "linear")), ("group norm", ("group_norm",)),
+    ("layer norm", ("layer_norm",)), ("SiLU / GELU", ("silu", "gelu")), ("copies / casts", ("copy_", "to_copy", "clone",
+    "contiguous")), ("elementwise add / mul", ("aten::add", "aten::mul")), ("concat / resize", ("cat", "upsample")),
+)
+
+
+def _op_group(name: str) -> str:
+    for group, keys in OP_GROUPS:
+        if any(k in name for k in keys):
+            return group
+    return "other"
+
+
+def profile_unet(ours, theirs, side_px: int, dtypes, device) -> list[dict]:
+    """Self time per op type of one U-Net step of each library (after a warm-up step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    c = ours.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c.in_channels, side_px // 8, side_px // 8, generator=g).to(device)
+    ctx = torch.randn(2, 77, c.context_dim, generator=g).to(device)
+    t = torch.full((2,), 500, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    rows = []
+    for name in dtypes:
+        dtype = _dtype(name)
+        model = ours if dtype == torch.float32 else _prepared(_copy_unet(ours).to(dtype), device)
+        ctx_d = ctx.to(dtype)
+        runs = {"ldm": lambda: model(x.to(dtype), t, ctx_d)}
+        if dtype == torch.float32:
+            runs["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=ctx).sample
+        else:
+            def autocast_run():
+                with torch.autocast(torch.device(device).type, dtype=dtype):
+                    return theirs(x, t, encoder_hidden_states=ctx).sample
+            runs["diffusers"] = autocast_run
+        for library, run in runs.items():
+            with torch.no_grad(), model.cached_context(ctx_d):
+                run()
+                with profile(activities=activities) as prof:
+                    _, seconds = _timed(run, device)
+            groups: dict[str, float] = {}
+            for e in prof.key_averages():
+                if e.key.startswith("aten::") or "conv" in e.key:
+                    groups[_op_group(e.key)] = groups.get(_op_group(e.key), 0.0) + e.self_cpu_time_total / 1e6
+            rows.append({"library": library, "dtype": name, "size": side_px, "seconds": seconds,
+                         "self_s_by_op": dict(sorted(groups.items(), key=lambda kv: -kv[1]))})
+            print(f"  profile {library} {name} {side_px}px: {seconds:.2f} s  "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1]["self_s_by_op"].items()), file=sys.stderr)
+    return rows
+
+
 def bench_parts(folder: Path, repeats: int, device) -> list[dict]:
     """VAE decode (64x64 latents -> 512x512) and prompt encoding, ldm and diffusers interleaved."""
     import torch
@@ -336,7 +394,21 @@ def memory_child(args) -> int:
     job = args.child
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        if job.startswith("vae"):
+        if job.startswith("attn"):
+            # one SD1 level-0 self-attention of a 512x512 image (batch 2, 4096 tokens, 8 heads of 40) on
+            # the plain SDPA kernel, which holds the whole score matrix unless the queries are sliced
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            from ldm.unet import CrossAttention
+
+            attn = CrossAttention(320, None, 8, 40).to(device).eval()
+            attn.query_chunk = 1024 if job == "attn-sliced" else None
+            side = 512
+            x = torch.randn(2, (side // 8) ** 2, 320, generator=g).to(device)
+            _reset_peak(device)
+            with sdpa_kernel(SDPBackend.MATH):
+                out, seconds = _timed(lambda: attn(x), device)
+        elif job.startswith("vae"):
             from ldm.vae import load_vae
 
             vae = load_vae(args.weights, device=device)
@@ -369,7 +441,7 @@ def memory_child(args) -> int:
 def bench_memory(args, folder: Path) -> list[dict]:
     """Peak memory of large images: VAE decode tiled or not, U-Net step ldm or diffusers; fresh process each."""
     rows = []
-    for job in ("vae-full", "vae-tiled", "unet-ldm", "unet-diffusers"):
+    for job in ("vae-full", "vae-tiled", "unet-ldm", "unet-diffusers", "attn-full", "attn-sliced"):
         cmd = [sys.executable, __file__, "--child", job, "--weights", str(folder), "--device", args.device,
                "--memory-size", str(args.memory_size)] + (["--threads", str(args.threads)] if args.threads else [])
         print(f"  memory {job} {args.memory_size}px ...", file=sys.stderr)
@@ -461,8 +533,8 @@ def describe_machine(device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["unet", "parts", "e2e", "memory"],
-                   default=["unet", "parts", "e2e", "memory"],
+    p.add_argument("--only", nargs="+", choices=["unet", "profile", "parts", "e2e", "memory"],
+                   default=["unet", "profile", "parts", "e2e", "memory"],
                    help="which benchmarks to run")
     p.add_argument("--weights", default=None, help="a diffusers folder (default: random SD1.5-size weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -474,19 +546,21 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the end-to-end run")
     p.add_argument("--e2e-size", type=int, default=512, help="image side of the end-to-end run")
     p.add_argument("--e2e-repeats", type=int, default=1, help="end-to-end runs of each library (fp32)")
+    p.add_argument("--profile-size", type=int, default=512, help="image side of the per-op-type profile")
     p.add_argument("--memory-size", type=int, default=1024,
                    help="image side of the memory jobs (VAE decode tiled/untiled, one U-Net step)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "ldm-bench"),
                    help="where the random weights are written once")
     p.add_argument("--json", default=None, help="write all figures here")
-    p.add_argument("--child", choices=["ldm", "diffusers", "vae-full", "vae-tiled", "unet-ldm", "unet-diffusers"],
+    p.add_argument("--child", choices=["ldm", "diffusers", "vae-full", "vae-tiled", "unet-ldm", "unet-diffusers",
+                                       "attn-full", "attn-sliced"],
                    help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--e2e-dtype", default="fp32", choices=DTYPE_NAMES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    bad = [s for s in args.sizes + [args.e2e_size, args.memory_size] if s % 64 or s < 64]
+    bad = [s for s in args.sizes + [args.e2e_size, args.memory_size, args.profile_size] if s % 64 or s < 64]
     if bad:
         p.error(f"sizes {bad} must be positive multiples of 64")
     if min(args.repeats, args.e2e_repeats, args.steps) < 1 or args.warmup < 0:
@@ -514,7 +588,7 @@ def main(argv=None) -> int:
     if "e2e" in args.only:
         print(f"end to end: {args.e2e_size}px, {args.steps} DDIM steps, one fresh process per run", file=sys.stderr)
         report["e2e"] = bench_e2e(args, folder)
-    if "unet" in args.only:
+    if "unet" in args.only or "profile" in args.only:
         peaks = {d: matmul_peak(_dtype(d), args.device) for d in args.dtypes}
         report["matmul_peak_tflops"] = {d: v / 1e12 for d, v in peaks.items()}
         print(f"  matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in peaks.items()), file=sys.stderr)
@@ -524,8 +598,11 @@ def main(argv=None) -> int:
 
         ours = _prepared(load_unet(folder).to(args.device).eval(), args.device)
         theirs = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).to(args.device).eval()
-        report["unet"] = bench_unet(ours, theirs, args.sizes, args.dtypes, args.repeats, args.warmup, args.device,
-                                    peaks)
+        if "unet" in args.only:
+            report["unet"] = bench_unet(ours, theirs, args.sizes, args.dtypes, args.repeats, args.warmup,
+                                        args.device, peaks)
+        if "profile" in args.only:
+            report["profile"] = profile_unet(ours, theirs, args.profile_size, args.dtypes, args.device)
         del ours, theirs
     if "parts" in args.only:
         report["parts"] = bench_parts(folder, args.repeats, args.device)
@@ -548,6 +625,13 @@ def format_report(r: dict) -> str:
                          f"| {u['speedup']:.2f}x | {u['rel_diff_vs_diffusers']:.1e} | {u['tflop']:.3f} | "
                          f"{u['ldm_tflops']:.3f} | {u['ldm_pct_of_peak']:.0f}% |")
         lines.append("matmul peak (TFLOP/s): " + json.dumps({k: round(v, 4) for k, v in r["matmul_peak_tflops"].items()}))
+    if "profile" in r:
+        groups = [g for g, _ in OP_GROUPS] + ["other"]
+        lines += ["", f"Self time per op type (s), one U-Net step at {r['profile'][0]['size']}px:",
+                  "| library | dtype | total | " + " | ".join(groups) + " |", "| --- " * (len(groups) + 3) + "|"]
+        for q in r["profile"]:
+            lines.append(f"| {q['library']} | {q['dtype']} | {q['seconds']:.2f} | "
+                         + " | ".join(f"{q['self_s_by_op'].get(g, 0.0):.2f}" for g in groups) + " |")
     if "parts" in r:
         lines += ["", "| part | ldm s | diffusers s | speedup |", "| --- | --- | --- | --- |"]
         lines += [f"| {q['part']} | {q['ldm_s']:.3f} | {q['diffusers_s']:.3f} | {q['speedup']:.2f}x |"

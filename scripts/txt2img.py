@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="LoRA file to apply to the U-Net (kohya/diffusers layouts; repeatable)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA(s)")
+    p.add_argument("--attention-chunk", type=int, default=0, metavar="N",
+                   help="attention on at most N queries at a time: bounded memory for large images where "
+                   "attention has no memory-efficient kernel (e.g. Apple MPS); same images; 0 = off")
     p.add_argument("--out", default="outputs", help="output folder (created if needed; files are never overwritten)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="U-Net/text encoder dtype (auto: float16 on CUDA, "
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
         (args.eta != 0 and args.sampler != "ddim",
          f"--eta {args.eta} applies to --sampler ddim only; drop --eta or use --sampler ddim"),
         (args.batch_size < 1, f"--batch-size {args.batch_size} must be >= 1"),
+        (args.attention_chunk < 0, f"--attention-chunk {args.attention_chunk} must be >= 0 (0 = off)"),
         (args.clip_skip < 1, f"--clip-skip {args.clip_skip} must be >= 1 (1 = the text encoder's last layer)"),
         (not seed_random and not 0 <= args.seed <= 2**64 - args.n,
          f"--seed {args.seed} must be in 0 .. 2**64-1 for every image (seed + i), or -1 for random"),
@@ -121,6 +125,8 @@ def main(argv=None) -> int:
                                         prediction_type=None if args.prediction_type == "auto" else args.prediction_type)
     except (ValueError, FileNotFoundError) as e:
         return _error(str(e))
+    if args.attention_chunk:
+        pipe.unet.set_attention_slicing(args.attention_chunk)
     loras = {}
     if args.lora:
         from ldm.training.lora import load_lora

@@ -35,7 +35,8 @@ def test_channels_last_and_cached_context_match_plain_and_diffusers(make_config)
     config = make_config()
     plain = random_weights_(UNet(config), seed=3).eval()
     fast = prepare_unet(copy.deepcopy(plain), "cpu")
-    assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.input_blocks[0][0].weight.is_contiguous()  # float32 stays NCHW (faster here, no weight copy)
+    fast.to(memory_format=torch.channels_last)  # the reduced-precision layout, checked in float32 here
     theirs = diffusers_unet(config, plain.state_dict())
     x, t, context = _inputs(config)
     ref = plain(x, t, context)
@@ -74,6 +75,26 @@ def test_bf16_group_norm_runs_natively_and_matches_the_float32_upcast():
     torch.testing.assert_close(native.float(), upcast.float(), rtol=0, atol=0.05)  # ~2 bf16 ulps at |y| <= 4
 
 
+@torch.no_grad()
+def test_attention_slicing_gives_the_same_output():
+    config = tiny_sd1_config()
+    unet = random_weights_(UNet(config), seed=6).eval()
+    x, t, context = _inputs(config, side=16)  # 256 tokens at the first level
+    ref = unet(x, t, context)
+    sliced = unet.set_attention_slicing(100)(x, t, context)  # 100 does not divide 256: a short last chunk
+    torch.testing.assert_close(sliced, ref, rtol=0, atol=1e-6)
+    assert unet.set_attention_slicing(None).input_blocks[1][1].transformer_blocks[0].attn1.query_chunk is None
+    with pytest.raises(ValueError, match="query_chunk"):
+        unet.set_attention_slicing(0)
+
+
+def test_float16_pipeline_keeps_the_vae_in_float32(tiny_sd_folder):
+    pipe = Pipeline.from_pretrained(tiny_sd_folder, device="cpu", dtype="float16")
+    assert pipe.unet.input_blocks[0][0].weight.dtype == torch.float16 and pipe.vae.dtype == torch.float32
+    image = pipe("a red circle", steps=2, guidance_scale=5, seed=0, output_type="np", progress=False)
+    assert np.isfinite(image).all() and image.std() > 0
+
+
 def test_in_place_silu_keeps_gradients():
     config = tiny_sd1_config()
     unet = random_weights_(UNet(config), seed=5)
@@ -91,6 +112,9 @@ def test_in_place_silu_keeps_gradients():
 def test_pipeline_bf16_image_close_to_fp32(tiny_sd_folder):
     fp32 = Pipeline.from_pretrained(tiny_sd_folder, device="cpu", dtype="float32")
     bf16 = Pipeline.from_pretrained(tiny_sd_folder, device="cpu", dtype="bfloat16")
+    assert bf16.vae.dtype == torch.bfloat16 and fp32.vae.dtype == torch.float32
+    assert bf16.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert bf16.to(dtype=torch.float32).unet.input_blocks[0][0].weight.is_contiguous()  # and back
     a = fp32("a red circle", steps=10, guidance_scale=5, seed=1, output_type="np", progress=False)
     b = bf16("a red circle", steps=10, guidance_scale=5, seed=1, output_type="np", progress=False)
     psnr = 10 * np.log10(1 / np.mean((a.astype(np.float64) - b) ** 2))
@@ -102,7 +126,7 @@ def test_benchmark_script_runs_on_a_small_folder(tiny_sd_folder, tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--weights", str(tiny_sd_folder), "--sizes", "64",
          "--dtypes", "fp32", "bf16", "--repeats", "1", "--warmup", "0", "--steps", "2", "--e2e-size", "64",
-         "--memory-size", "128", "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+         "--memory-size", "128", "--profile-size", "64", "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
     assert [(u["size"], u["dtype"]) for u in r["unet"]] == [(64, "fp32"), (64, "bf16")]
@@ -110,8 +134,14 @@ def test_benchmark_script_runs_on_a_small_folder(tiny_sd_folder, tmp_path):
     assert r["e2e"]["image_max_abs_ldm_vs_diffusers"] < 2e-3
     assert r["e2e"]["ldm_fp32"]["run_peak_gib"] > 0 and r["e2e"]["diffusers_fp32"]["run_peak_gib"] > 0
     assert {p["part"] for p in r["parts"]} == {"vae decode 512px", "text encode (prompt + empty negative)"}
-    assert [m["job"] for m in r["memory"]] == ["vae-full", "vae-tiled", "unet-ldm", "unet-diffusers"]
+    assert [m["job"] for m in r["memory"]] == ["vae-full", "vae-tiled", "unet-ldm", "unet-diffusers",
+                                         "attn-full", "attn-sliced"]
     assert all(m["peak_gib"] > 0 and m["finite"] for m in r["memory"])
+    peak = {m["job"]: m["peak_gib"] for m in r["memory"]}
+    assert peak["attn-sliced"] < peak["attn-full"] / 2  # 4x fewer queries at a time, 4x smaller score matrix
+    assert [(q["library"], q["dtype"]) for q in r["profile"]] == [("ldm", "fp32"), ("diffusers", "fp32"),
+                                                                   ("ldm", "bf16"), ("diffusers", "bf16")]
+    assert r["profile"][0]["self_s_by_op"]["convolution"] > 0
     assert "| 64 | fp32 |" in done.stdout
 
 
