@@ -11,8 +11,10 @@ diffusers' `torch.randn((1, 4, h, w), generator=Generator().manual_seed(seed))`.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -63,6 +65,21 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 
 def _single_file_metadata(path: Path) -> dict:
     return stored_json(path, PIPELINE_METADATA) or {}
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps the memory of freed tensors for reuse; after an SD1.5 sampling loop at 512x512 that
+    is ~0.3 GB, and the VAE decode's activations would be allocated on top of it: trimming first
+    lowers the process's peak resident memory by about that much (docs/benchmarks.md).
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+        pass
 
 
 def prepare_for_inference(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -359,5 +376,6 @@ class Pipeline:
                                         callback=callback, progress=progress)
         if output_type == "latent":
             return latents
+        release_freed_memory()  # before the VAE's large activations, not on top of the loop's freed heap
         decoded = self.vae.decode(latents.float())
         return to_pil(decoded) if output_type == "pil" else to_numpy(decoded)

@@ -161,7 +161,8 @@ def unet_flops(config, side: int, batch: int = 2) -> tuple[float, float]:
         with FlopCounterMode(display=False) as counter:
             unet(x, torch.full((batch,), 500), context)
     counts = counter.get_flop_counts().get("Global", {})
-    attention = sum(v for k, v in counts.items() if "scaled_dot_product" in str(k))
+    # on the meta device attention runs as SDPA's plain kernel: its two batched matmuls (q k^T, p v)
+    attention = sum(v for k, v in counts.items() if "scaled_dot_product" in str(k) or "bmm" in str(k))
     return float(counter.get_total_flops()), float(attention)
 
 
@@ -444,7 +445,7 @@ def bench_memory(args, folder: Path) -> list[dict]:
     for job in ("vae-full", "vae-tiled", "unet-ldm", "unet-diffusers", "attn-full", "attn-sliced"):
         cmd = [sys.executable, __file__, "--child", job, "--weights", str(folder), "--device", args.device,
                "--memory-size", str(args.memory_size)] + (["--threads", str(args.threads)] if args.threads else [])
-        print(f"  memory {job} {args.memory_size}px ...", file=sys.stderr)
+        print(f"  memory {job} {512 if job.startswith('attn') else args.memory_size}px ...", file=sys.stderr)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"memory child {job} failed:\n{done.stderr[-2000:]}")
