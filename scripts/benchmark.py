@@ -439,17 +439,22 @@ def memory_child(args) -> int:
     return 0
 
 
+def _run_child(args, folder: Path, job: str, *extra: str) -> dict:
+    """Run one benchmark job in a fresh Python process; its JSON line."""
+    cmd = [sys.executable, __file__, "--child", job, "--weights", str(folder), "--device", args.device, *extra]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"benchmark child {job} {' '.join(extra)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_memory(args, folder: Path) -> list[dict]:
     """Peak memory of large images: VAE decode tiled or not, U-Net step ldm or diffusers; fresh process each."""
     rows = []
     for job in ("vae-full", "vae-tiled", "unet-ldm", "unet-diffusers", "attn-full", "attn-sliced"):
-        cmd = [sys.executable, __file__, "--child", job, "--weights", str(folder), "--device", args.device,
-               "--memory-size", str(args.memory_size)] + (["--threads", str(args.threads)] if args.threads else [])
         print(f"  memory {job} {512 if job.startswith('attn') else args.memory_size}px ...", file=sys.stderr)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"memory child {job} failed:\n{done.stderr[-2000:]}")
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = _run_child(args, folder, job, "--memory-size", str(args.memory_size))
         rows.append(r)
         print(f"    {r['seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB", file=sys.stderr)
     return rows
@@ -465,14 +470,9 @@ def bench_e2e(args, folder: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (library, dtype) in enumerate(plan):
             out = Path(tmp) / f"{i}.npy"
-            cmd = [sys.executable, __file__, "--child", library, "--weights", str(folder), "--device", args.device,
-                   "--e2e-dtype", dtype, "--e2e-size", str(args.e2e_size), "--steps", str(args.steps),
-                   "--child-out", str(out)] + (["--threads", str(args.threads)] if args.threads else [])
             print(f"  e2e {library} {dtype} ...", file=sys.stderr)
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"e2e child {library} {dtype} failed:\n{done.stderr[-2000:]}")
-            r = json.loads(done.stdout.strip().splitlines()[-1])
+            r = _run_child(args, folder, library, "--e2e-dtype", dtype, "--e2e-size", str(args.e2e_size),
+                           "--steps", str(args.steps), "--child-out", str(out))
             runs.append(r)
             images.setdefault((library, dtype), np.load(out))
             print(f"    run {r['run_s']:.1f} s, peak {r['run_peak_gib']:.2f} GiB (load peak {r['load_peak_gib']:.2f})",

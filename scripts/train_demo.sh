@@ -32,5 +32,5 @@ $PY "${UNET[@]}" --max-steps 4000 --stop-at 2750 --validation-guidance 5
 #    3b: ... then the schedule stretched to 5000 steps, with 45% two-object scenes (the weak spot at 2750)
 $PY "${UNET[@]}" --max-steps 5000 --stop-at "$UNET_STOP" --shapes-two-objects 0.45 --validation-guidance 2
 # 4. package: float16 weights into ldm/assets/demo/, then the evaluation
-$PY scripts/package_demo.py --model "$RUNS/demo_unet4/model.safetensors"
+$PY scripts/package_demo.py --model "$RUNS/demo_unet4/model.safetensors" --guidance 1.0  # docs/demo-model.md
 $PY scripts/eval_shapes.py --n 240

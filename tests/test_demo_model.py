@@ -1,0 +1,60 @@
+"""The embedded demo model: loads with no path, fits its size budget, and draws what it is told.
+
+The eval here is a small version (48 images) of `scripts/eval_shapes.py --n 240` (the figures in
+docs/demo-model.md) at the model's recommended guidance (stored in the file). Single objects are held
+a little under the issue's targets, which the model meets; held-out pairs at a regression guard under
+their measured 75-77% (target 80%, not met yet); two-object scenes (6.7%, target 70%) are the open part
+of the demo-model issue and are reported, not asserted.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm.pipeline import DEMO_MODEL, Pipeline
+from ldm.shapes import evaluate, score
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDANCE = 1.0  # the recommended guidance stored in the file, documented in docs/demo-model.md
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Pipeline.from_pretrained()
+
+
+def test_demo_model_is_shipped_and_small(demo):
+    assert DEMO_MODEL.is_file()
+    assert DEMO_MODEL.stat().st_size <= 40 * 2**20
+    assert demo.model_path == DEMO_MODEL and demo.default_size == (64, 64)
+    assert demo.tokenizer.vocab_size == 49408  # the shipped CLIP tokenizer
+    assert demo.default_guidance == GUIDANCE
+
+
+def test_small_eval_meets_thresholds(demo):
+    result = evaluate(demo, n=48, steps=25, seed=10_000_000, batch_size=16)  # guidance: the model's
+    assert result["settings"]["guidance"] == GUIDANCE
+    acc = result["accuracy"]
+    print({k: round(v, 3) for k, v in acc.items()})
+    thresholds = {"single object/color": 0.9, "single object/shape": 0.85, "single object/position": 0.85,
+                  "single object/size": 0.9, "held-out pair/color and shape": 0.6}
+    failed = {k: round(acc[k], 3) for k, v in thresholds.items() if acc[k] < v}
+    assert not failed, (failed, acc)
+
+
+def test_main_job_default_command(tmp_path, capsys):
+    """README's main job: txt2img with only a prompt uses the demo model and draws it right."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import txt2img
+
+    assert txt2img.main(["--prompt", "a red circle at the top left", "--seed", "1", "--out", str(tmp_path)]) == 0
+    path, = tmp_path.glob("*.png")
+    image = np.asarray(Image.open(path).convert("RGB"))
+    verdict = score("a red circle at the top left", image)
+    assert verdict["color_ok"] and verdict["shape_ok"] and verdict["position_ok"], verdict
+    parameters = Image.open(path).text["parameters"]
+    assert "Model: ldm-shapes-demo" in parameters and "CFG scale: 1," in parameters
