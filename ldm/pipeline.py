@@ -11,6 +11,7 @@ diffusers' `torch.randn((1, 4, h, w), generator=Generator().manual_seed(seed))`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -118,6 +119,7 @@ class Pipeline:
         self.schedule = schedule
         self.default_size = tuple(default_size)
         self.default_guidance = float(default_guidance)  # the model's recommended guidance scale
+        self.compiled = False
         self.model_path = Path(model_path) if model_path is not None else None
 
     # ------------------------------------------------------------------ loading
@@ -208,6 +210,23 @@ class Pipeline:
         # nn.Module.to: diffusers' own .to() warns about fp32 modules on every bf16 cast (there are none here)
         torch.nn.Module.to(self.vae, device=device, dtype=vae_dtype)
         prepare_for_inference(self.vae, device or self.device)
+        return self
+
+    def compile(self, **kwargs) -> Pipeline:
+        """Compile the U-Net with torch.compile (inductor; kwargs go to it, e.g. mode="max-autotune").
+
+        The first call pays the compilation (~1 min for the demo model on 2 CPU cores, several for
+        SD1.5; needs a C++ compiler on CPUs), later steps run the fused code. The cross-attention
+        key/value cache is not used then (a new text per image would recompile).
+        """
+        import shutil
+
+        if self.device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++",
+                                                                           "clang++", "c++") if c):
+            raise RuntimeError("torch.compile on a CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX); "
+                               "install one, or run without compiling")
+        self.unet.compile(**kwargs)
+        self.compiled = True
         return self
 
     @property
@@ -371,7 +390,8 @@ class Pipeline:
             return cfg_combine(out_uncond, out_cond, guidance_scale, guidance_rescale)
 
         timesteps = self.schedule.timesteps(steps, device=device)
-        with self.unet.cached_context(context):  # the text's cross-attention keys/values: once, not per step
+        # the text's cross-attention keys/values: once per image, not per step
+        with contextlib.nullcontext() if self.compiled else self.unet.cached_context(context):
             latents = SAMPLERS[sampler](denoise, latents, self.schedule, timesteps, eta=eta, generator=generators,
                                         callback=callback, progress=progress)
         if output_type == "latent":

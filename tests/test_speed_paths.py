@@ -121,6 +121,27 @@ def test_pipeline_bf16_image_close_to_fp32(tiny_sd_folder):
     assert np.isfinite(b).all() and psnr >= 30, psnr
 
 
+def test_compiled_pipeline_matches_eager(tiny_sd_folder, monkeypatch):
+    """Pipeline.compile (torch.compile, inductor): same images within float rounding; a clear error
+    instead when the machine has no C++ compiler for inductor."""
+    import shutil
+
+    eager = Pipeline.from_pretrained(tiny_sd_folder, device="cpu", dtype="float32")
+    compiled = Pipeline.from_pretrained(tiny_sd_folder, device="cpu", dtype="float32")
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "which", lambda name: None)
+        with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+            compiled.compile()
+    assert not compiled.compiled
+    if not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        return  # the refusal above is this machine's behavior; nothing to compile with
+    compiled.compile()
+    a = eager(["a red circle", "a blue square"], steps=3, guidance_scale=5, seed=2, output_type="np", progress=False)
+    b = compiled(["a red circle", "a blue square"], steps=3, guidance_scale=5, seed=2, output_type="np",
+                 progress=False)
+    assert compiled.compiled and np.abs(a - b).max() < 1e-4
+
+
 def test_benchmark_script_runs_on_a_small_folder(tiny_sd_folder, tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
