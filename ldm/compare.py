@@ -58,10 +58,15 @@ def unet_pair(weights: str | None = None, preset: str = "sd15", seed: int = 0, e
     return ours, theirs.eval()
 
 
-def timed(fn):
-    """(fn(), seconds it took)."""
+def timed(fn, device=None):
+    """(fn(), seconds it took); on a CUDA device, the queued GPU work is waited for on both ends."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
+    if cuda:
+        torch.cuda.synchronize()
     return out, time.perf_counter() - t0
 
 
@@ -128,7 +133,8 @@ def pipeline_pair(weights: str | None = None, device=None):
     return ours, theirs
 
 
-def _psnr(a, b) -> float:
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio (dB) of two images in [0, 1]."""
     import numpy as np
 
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
@@ -179,6 +185,6 @@ def compare_pipelines(ours, theirs, prompt: str, negative_prompt: str | None = N
     img_b, r["decode_diffusers_s"] = timed(lambda: theirs.image_processor.postprocess(
         theirs.vae.decode(lat_b / theirs.vae.config.scaling_factor, return_dict=False)[0], output_type="np"))
     r["image_max_abs"] = float(abs(img_a - img_b).max())
-    r["image_psnr_db"] = _psnr(img_a, img_b)
+    r["image_psnr_db"] = psnr(img_a, img_b)
     r["size"] = (height, width)
     return r

@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.cli import HelpFormatter  # noqa: E402
+from ldm.compare import psnr, timed  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
@@ -51,21 +52,6 @@ def _dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _sync(device) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- memory
@@ -143,7 +129,7 @@ def matmul_peak(dtype, device, n: int = 2048, repeats: int = 5) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b), device)[1] for _ in range(repeats))
+    best = min(timed(lambda: torch.mm(a, b), device)[1] for _ in range(repeats))
     return 2 * n**3 / best
 
 
@@ -170,44 +156,23 @@ def _rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def bench_unet(ours, theirs, sizes, dtypes, repeats, warmup, device, peaks) -> list[dict]:
+def bench_unet(models: dict, theirs, sizes, repeats, warmup, device, peaks) -> list[dict]:
     import torch
 
     rows = []
-    c = ours.config
-    bf16_ours = None
+    c = models[next(iter(models))].config
     for side_px in sizes:
-        side = side_px // 8
-        g = torch.Generator().manual_seed(side)
-        x = torch.randn(2, c.in_channels, side, side, generator=g).to(device)
-        ctx = torch.randn(2, 77, c.context_dim, generator=g).to(device)
-        t = torch.full((2,), 500, device=device)
-        flops, attn_flops = unet_flops(c, side)
+        x, t, ctx = _step_inputs(c, side_px, side_px // 8, device)
+        flops, attn_flops = unet_flops(c, side_px // 8)
         ref = None
-        for name in dtypes:
+        for name, model in models.items():
             dtype = _dtype(name)
-            if dtype == torch.float32:
-                model, run_theirs = ours, (lambda: theirs(x, t, encoder_hidden_states=ctx).sample)
-                label = "diffusers fp32"
-            else:
-                if bf16_ours is None or bf16_ours[0] != dtype:
-                    bf16_ours = (dtype, _prepared(_copy_unet(ours).to(dtype), device))
-                model = bf16_ours[1]
-
-                def run_theirs():
-                    with torch.autocast(torch.device(device).type, dtype=dtype):
-                        return theirs(x, t, encoder_hidden_states=ctx).sample
-                label = f"diffusers {name} autocast"
-            ctx_d = ctx.to(dtype)
-
-            def run_ours():
-                return model(x.to(dtype), t, ctx_d)
-
+            ctx_d, run_ours, run_theirs, label = _step_runners(model, theirs, name, x, t, ctx, device)
             times_o, times_t = [], []
             with torch.no_grad(), model.cached_context(ctx_d):
                 for i in range(warmup + repeats):  # interleaved
-                    a, dt_o = _timed(run_ours, device)
-                    b, dt_t = _timed(run_theirs, device)
+                    a, dt_o = timed(run_ours, device)
+                    b, dt_t = timed(run_theirs, device)
                     if i >= warmup:
                         times_o.append(dt_o)
                         times_t.append(dt_t)
@@ -228,17 +193,42 @@ def bench_unet(ours, theirs, sizes, dtypes, repeats, warmup, device, peaks) -> l
     return rows
 
 
-def _copy_unet(unet):
+def unet_variants(ours, dtypes, device) -> dict:
+    """ldm's U-Net per precision as its pipeline runs it: `ours` (float32) itself, or a converted copy."""
     import copy
 
-    return copy.deepcopy(unet)
+    import torch
+
+    from ldm.pipeline import prepare_for_inference
+
+    return {name: ours if _dtype(name) == torch.float32 else
+            prepare_for_inference(copy.deepcopy(ours).to(_dtype(name)), device) for name in dtypes}
 
 
-def _prepared(unet, device):
-    """The U-Net as ldm.Pipeline runs it."""
-    from ldm.pipeline import prepare_unet
+def _step_runners(model, theirs, name: str, x, t, ctx, device):
+    """(context in the model's dtype, run ldm, run diffusers, baseline label) for one U-Net step."""
+    import torch
 
-    return prepare_unet(unet, device)
+    dtype = _dtype(name)
+    ctx_d = ctx.to(dtype)
+    reduced = dtype != torch.float32
+
+    def run_ours():
+        return model(x.to(dtype), t, ctx_d)
+
+    def run_theirs():  # diffusers' weights stay float32; reduced precision through autocast
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=reduced):
+            return theirs(x, t, encoder_hidden_states=ctx).sample
+    return ctx_d, run_ours, run_theirs, f"diffusers {name} autocast" if reduced else "diffusers fp32"
+
+
+def _step_inputs(config, side_px: int, seed: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, config.in_channels, side_px // 8, side_px // 8, generator=g).to(device)
+    ctx = torch.randn(2, 77, config.context_dim, generator=g).to(device)
+    return x, torch.full((2,), 500, device=device), ctx
 
 
 OP_GROUPS = (  # profiler op name -> what it is, for the time-per-op-type table
@@ -256,35 +246,22 @@ def _op_group(name: str) -> str:
     return "other"
 
 
-def profile_unet(ours, theirs, side_px: int, dtypes, device) -> list[dict]:
+def profile_unet(models: dict, theirs, side_px: int, device) -> list[dict]:
     """Self time per op type of one U-Net step of each library (after a warm-up step)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    c = ours.config
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, c.in_channels, side_px // 8, side_px // 8, generator=g).to(device)
-    ctx = torch.randn(2, 77, c.context_dim, generator=g).to(device)
-    t = torch.full((2,), 500, device=device)
+    x, t, ctx = _step_inputs(models[next(iter(models))].config, side_px, 0, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     rows = []
-    for name in dtypes:
-        dtype = _dtype(name)
-        model = ours if dtype == torch.float32 else _prepared(_copy_unet(ours).to(dtype), device)
-        ctx_d = ctx.to(dtype)
-        runs = {"ldm": lambda: model(x.to(dtype), t, ctx_d)}
-        if dtype == torch.float32:
-            runs["diffusers"] = lambda: theirs(x, t, encoder_hidden_states=ctx).sample
-        else:
-            def autocast_run():
-                with torch.autocast(torch.device(device).type, dtype=dtype):
-                    return theirs(x, t, encoder_hidden_states=ctx).sample
-            runs["diffusers"] = autocast_run
+    for name, model in models.items():
+        ctx_d, run_ours, run_theirs, _ = _step_runners(model, theirs, name, x, t, ctx, device)
+        runs = {"ldm": run_ours, "diffusers": run_theirs}
         for library, run in runs.items():
             with torch.no_grad(), model.cached_context(ctx_d):
                 run()
                 with profile(activities=activities) as prof:
-                    _, seconds = _timed(run, device)
+                    _, seconds = timed(run, device)
             groups: dict[str, float] = {}
             for e in prof.key_averages():
                 if e.key.startswith("aten::") or "conv" in e.key:
@@ -325,8 +302,8 @@ def bench_parts(folder: Path, repeats: int, device) -> list[dict]:
         for name, ours, theirs in cases:
             to, tt = [], []
             for i in range(repeats + 1):
-                _, a = _timed(ours, device)
-                _, b = _timed(theirs, device)
+                _, a = timed(ours, device)
+                _, b = timed(theirs, device)
                 if i:
                     to.append(a)
                     tt.append(b)
@@ -376,7 +353,7 @@ def e2e_child(args) -> int:
     load_s = time.perf_counter() - t0
     load_peak = _peak_bytes(device)
     _reset_peak(device)
-    image, run_s = _timed(run, device)
+    image, run_s = timed(run, device)
     image = np.asarray(image, dtype=np.float32)
     np.save(args.child_out, image)
     print(json.dumps({"library": args.child, "dtype": args.e2e_dtype, "load_s": load_s, "run_s": run_s,
@@ -408,21 +385,23 @@ def memory_child(args) -> int:
             x = torch.randn(2, (side // 8) ** 2, 320, generator=g).to(device)
             _reset_peak(device)
             with sdpa_kernel(SDPBackend.MATH):
-                out, seconds = _timed(lambda: attn(x), device)
+                out, seconds = timed(lambda: attn(x), device)
         elif job.startswith("vae"):
             from ldm.vae import load_vae
 
             vae = load_vae(args.weights, device=device)
             z = torch.randn(1, 4, side // 8, side // 8, generator=g).to(device)
             _reset_peak(device)
-            out, seconds = _timed(lambda: vae.decode(z, tiled=job == "vae-tiled"), device)
+            out, seconds = timed(lambda: vae.decode(z, tiled=job == "vae-tiled"), device)
         else:
             x = torch.randn(2, 4, side // 8, side // 8, generator=g).to(device)
             t = torch.full((2,), 500, device=device)
             if job == "unet-ldm":
                 from ldm.checkpoint import load_unet
 
-                unet = _prepared(load_unet(args.weights).to(device).eval(), device)
+                from ldm.pipeline import prepare_for_inference
+
+                unet = prepare_for_inference(load_unet(args.weights).to(device).eval(), device)
                 context = torch.randn(2, 77, unet.config.context_dim, generator=g).to(device)
                 run = lambda: unet(x, t, context)  # noqa: E731
             else:
@@ -433,7 +412,7 @@ def memory_child(args) -> int:
                 context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device)
                 run = lambda: unet(x, t, encoder_hidden_states=context).sample  # noqa: E731
             _reset_peak(device)
-            out, seconds = _timed(run, device)
+            out, seconds = timed(run, device)
     print(json.dumps({"job": job, "size": side, "seconds": seconds, "peak_gib": _peak_bytes(device) / 2**30,
                       "finite": bool(torch.isfinite(out).all())}))
     return 0
@@ -491,15 +470,8 @@ def bench_e2e(args, folder: Path) -> dict:
     for d in args.dtypes:
         if d != "fp32":
             result[f"ldm_{d}"] = summary("ldm", d)
-            result[f"psnr_{d}_vs_fp32_db"] = _psnr(images[("ldm", d)], a)
+            result[f"psnr_{d}_vs_fp32_db"] = psnr(images[("ldm", d)], a)
     return result
-
-
-def _psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
 
 
 # --------------------------------------------------------------------------- main
@@ -597,14 +569,13 @@ def main(argv=None) -> int:
 
         from ldm.checkpoint import load_unet
 
-        ours = _prepared(load_unet(folder).to(args.device).eval(), args.device)
+        models = unet_variants(load_unet(folder).to(args.device).eval(), args.dtypes, args.device)
         theirs = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True).to(args.device).eval()
         if "unet" in args.only:
-            report["unet"] = bench_unet(ours, theirs, args.sizes, args.dtypes, args.repeats, args.warmup,
-                                        args.device, peaks)
+            report["unet"] = bench_unet(models, theirs, args.sizes, args.repeats, args.warmup, args.device, peaks)
         if "profile" in args.only:
-            report["profile"] = profile_unet(ours, theirs, args.profile_size, args.dtypes, args.device)
-        del ours, theirs
+            report["profile"] = profile_unet(models, theirs, args.profile_size, args.device)
+        del models, theirs
     if "parts" in args.only:
         report["parts"] = bench_parts(folder, args.repeats, args.device)
     if "memory" in args.only:
