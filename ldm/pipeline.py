@@ -100,11 +100,6 @@ def prepare_for_inference(module: torch.nn.Module, device: torch.device | str) -
     return module
 
 
-def prepare_unet(unet: UNet, device: torch.device | str) -> UNet:
-    """The U-Net laid out as the pipeline runs it (see prepare_for_inference)."""
-    return prepare_for_inference(unet, device)
-
-
 class Pipeline:
     """Public parts: `unet` (ldm.UNet), `vae` (ldm.vae.VAE), `text_encoder` (transformers CLIPTextModel),
     `tokenizer` (CLIPTokenizer), `schedule` (ldm.schedule.NoiseSchedule)."""
@@ -204,7 +199,7 @@ class Pipeline:
         """Move U-Net and text encoder to device/dtype. The VAE follows bfloat16 (float32's range: no
         overflow; 4x faster decoding on CPUs with bf16 units) and otherwise stays float32 (SD's VAE
         overflows in float16: NaN / black images)."""
-        prepare_unet(self.unet.to(device=device, dtype=dtype), device or self.device)
+        prepare_for_inference(self.unet.to(device=device, dtype=dtype), device or self.device)
         self.text_encoder.to(device=device, dtype=dtype)
         vae_dtype = None if dtype is None else (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
         # nn.Module.to: diffusers' own .to() warns about fp32 modules on every bf16 cast (there are none here)

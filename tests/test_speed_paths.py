@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
-from ldm.pipeline import Pipeline, prepare_unet
+from ldm.pipeline import Pipeline, prepare_for_inference
 from ldm.unet import GroupNorm32, UNet, random_weights_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def _inputs(config, seed=0, batch=2, side=8):
 def test_channels_last_and_cached_context_match_plain_and_diffusers(make_config):
     config = make_config()
     plain = random_weights_(UNet(config), seed=3).eval()
-    fast = prepare_unet(copy.deepcopy(plain), "cpu")
+    fast = prepare_for_inference(copy.deepcopy(plain), "cpu")
     assert fast.input_blocks[0][0].weight.is_contiguous()  # float32 stays NCHW (faster here, no weight copy)
     fast.to(memory_format=torch.channels_last)  # the reduced-precision layout, checked in float32 here
     theirs = diffusers_unet(config, plain.state_dict())
