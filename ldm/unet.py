@@ -99,10 +99,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (as the original code), cast back.
+    """GroupNorm that computes float16 inputs in float32 (as the original code), cast back.
 
     bfloat16 runs natively: its kernels accumulate in float32 already and its range is float32's,
-    so the round trip through a float32 copy would only cost time (float16 keeps the upcast).
+    so the round trip through a float32 copy would only cost time.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

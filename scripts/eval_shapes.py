@@ -76,8 +76,7 @@ def main(argv=None) -> int:
     def progress(done, total):
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
-    guidance = pipe.default_guidance if args.guidance is None else args.guidance
-    result = evaluate(pipe, n=args.n, steps=args.steps, guidance=guidance, seed=args.seed,
+    result = evaluate(pipe, n=args.n, steps=args.steps, guidance=args.guidance,  # None: the model's own seed=args.seed,
                       batch_size=args.batch_size, keep_images=args.out is not None, progress=progress)
     print(file=sys.stderr)
     result["settings"]["weights"] = str(pipe.model_path) if pipe.model_path is not None else pipe.model_name
