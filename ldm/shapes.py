@@ -251,14 +251,18 @@ def scene_from_caption(caption: str, rng: np.random.Generator, image_size: int =
 
 class ShapesDataset(torch.utils.data.Dataset):
     """n procedurally generated captioned images; item i is a pure function of (seed, i):
-    render(sample_scene(np.random.default_rng([seed, i]), ...)). Same item format as the training data layer."""
+    render(sample_scene(np.random.default_rng([seed, i]), ...)). Same item format as the training data layer.
+    caption_dropout: probability that item i's caption is empty (drawn from its own stream, so the scenes
+    do not change with it); the unconditional half of classifier-free guidance is learned from those."""
 
     def __init__(self, n: int = 10**9, seed: int = 0, image_size: int = 64, train: bool = True, p_two: float = 0.3,
-                 p_drop: float = 0.3):
+                 p_drop: float = 0.3, caption_dropout: float = 0.0):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout {caption_dropout}: must be a probability in [0, 1] (0.1 is usual)")
         self.n, self.seed, self.image_size = n, seed, image_size
-        self.train, self.p_two, self.p_drop = train, p_two, p_drop
+        self.train, self.p_two, self.p_drop, self.caption_dropout = train, p_two, p_drop, caption_dropout
 
     def __len__(self) -> int:
         return self.n
@@ -272,7 +276,8 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
         pixels = torch.from_numpy(render(scene)).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
-        return {"pixels": pixels, "caption": scene.caption, "index": index}
+        drop = self.caption_dropout > 0 and np.random.default_rng([self.seed, index, 1]).random() < self.caption_dropout
+        return {"pixels": pixels, "caption": "" if drop else scene.caption, "index": index}
 
 
 # ---------------------------------------------------------------------------------------------- analyzer

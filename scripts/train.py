@@ -30,11 +30,13 @@ HELP = {
     "output_dir": "where checkpoints, logs, validation grids and the final model go",
     "mode": "full: fine-tune the U-Net; lora: LoRA adapters; scratch: new U-Net + text encoder; vae: train the VAE",
     "base": "checkpoint to start from (single file or diffusers folder); needed by full and lora",
-    "vae": "scratch: VAE file to train on (e.g. the vae.safetensors of a --mode vae run)",
+    "vae": "scratch: VAE file to train on (e.g. the vae.safetensors of a --mode vae run); full/lora: a VAE that "
+           "replaces the base's (same latent space, e.g. a --decoder-only fine-tune), kept in the exported model",
     "unet_config": "scratch: sd15, sd21 or a JSON file of UNetConfig fields",
     "text_config": "scratch: JSON file of CLIPTextConfig fields (default: a small 2-layer, 128-wide CLIP)",
     "vae_config": "vae from scratch: JSON file of AutoencoderKL config fields",
     "train_text_encoder": "full: also fine-tune the text encoder (scratch trains it unless --freeze-text-encoder)",
+    "text_encoder_lr": "peak learning rate of the text encoder when it trains (default: --lr)",
     "freeze_text_encoder": "scratch: keep the new text encoder at its random initialization",
     "text_init_std": "scratch: std of the new text encoder's token embeddings (0 = CLIP's 0.02)",
     "prediction_type": "epsilon or v_prediction (default: the base model's; epsilon from scratch)",
@@ -61,6 +63,8 @@ HELP = {
     "snr_gamma": "min-SNR-gamma loss weighting (0 = off; 5 is the paper's value)",
     "offset_noise": "offset noise strength (0 = off; 0.05-0.1 widens the brightness range)",
     "kl_weight": "vae mode: weight of the KL term",
+    "decoder_only": "vae mode: fine-tune the decoder of --base alone; the encoder, its latents and the scaling "
+                    "factor stay, so a U-Net trained on them keeps working (like SD's ft-MSE VAE)",
     "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha (default: the rank)",
     "save_every": "checkpoint every N steps (and at the end)",
     "keep_checkpoints": "how many checkpoints to keep",

@@ -321,3 +321,19 @@ def test_evaluate_runs_a_real_pipeline(tiny_sd_folder):
     assert result["counts"] == {"single": 4, "heldout": 2, "two": 2}
     assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
     assert [it["seed"] for it in result["items"]] == list(range(10_000_000, 10_000_008))
+
+
+def test_caption_dropout_empties_captions_and_keeps_scenes():
+    """Caption dropout reaches the procedural data (the unconditional half of guidance): about the asked
+    share of captions are empty, decided per item, and the images are those of the undropped dataset."""
+    from ldm.shapes import ShapesDataset
+
+    plain, dropped = ShapesDataset(seed=3), ShapesDataset(seed=3, caption_dropout=0.2)
+    items = [dropped[i] for i in range(300)]
+    empty = [i for i, item in enumerate(items) if item["caption"] == ""]
+    assert 0.12 < len(empty) / 300 < 0.28
+    assert all(items[i]["caption"] == plain[i]["caption"] for i in range(300) if i not in empty)
+    assert all(torch.equal(items[i]["pixels"], plain[i]["pixels"]) for i in (empty[0], empty[1], 0, 1))
+    assert dropped[empty[0]]["caption"] == ""  # deterministic
+    with pytest.raises(ValueError, match="caption_dropout"):
+        ShapesDataset(caption_dropout=1.5)

@@ -298,3 +298,48 @@ def test_scratch_text_encoder_options(tmp_path):
     joint = build_models(TrainConfig(**cfg))
     assert any(k.startswith("text_encoder.") for k in joint.trainable_named_parameters())
     assert joint.text_encoder.get_input_embeddings().weight.std().item() < 0.05
+
+
+def test_decoder_only_vae_keeps_the_latent_space(tmp_path, tiny_train_base):
+    """--decoder-only: the encoder's weights, hence every latent, and the scaling factor are exactly the
+    base's; the decoder changes; a full fine-tune can then take that VAE with --vae and exports it."""
+    from ldm.vae import load_vae
+
+    data = make_image_folder(tmp_path / "data", n=8)
+    vae_file = tmp_path / "vae.safetensors"
+    base = Pipeline.from_pretrained(tiny_train_base)
+    from ldm.checkpoint import save_safetensors
+    from ldm.vae import vae_metadata, vae_to_original_state_dict
+
+    save_safetensors(vae_to_original_state_dict(base.vae, prefix=""), vae_file, metadata=vae_metadata(base.vae))
+    run = train(TrainConfig(data=str(data), output_dir=str(tmp_path / "dec"), mode="vae", base=str(vae_file),
+                            decoder_only=True, resolution=64, batch_size=4, max_steps=3, lr=1e-3))
+    new = load_vae(run["vae"])
+    assert run["scaling_factor"] == base.vae.scaling_factor == new.scaling_factor
+    old_sd, new_sd = base.vae.model.state_dict(), new.model.state_dict()
+    for k in old_sd:
+        same = torch.equal(old_sd[k], new_sd[k])
+        assert same if k.startswith(("encoder.", "quant_conv.")) else True, k
+    assert not all(torch.equal(old_sd[k], new_sd[k]) for k in old_sd if k.startswith("decoder."))
+    ft = train(_cfg(tmp_path, tiny_train_base, data, vae=run["vae"], max_steps=1, output_dir=str(tmp_path / "ft")))
+    exported = Pipeline.from_pretrained(ft["model"]).vae.model.state_dict()
+    assert all(torch.equal(exported[k], new_sd[k]) for k in new_sd)
+    with pytest.raises(ValueError, match="decoder_only is for mode vae"):
+        TrainConfig(data="x", mode="full", base="b", decoder_only=True)
+
+
+def test_text_encoder_lr_is_its_own_param_group(tmp_path, tiny_train_base):
+    data = make_image_folder(tmp_path / "data")
+    trainer = Trainer(_cfg(tmp_path, tiny_train_base, data, train_text_encoder=True, text_encoder_lr=1e-5,
+                           lr=1e-3, max_steps=2))
+    groups = trainer.optimizer.param_groups
+    te = {id(p) for k, p in trainer.trainable.items() if k.startswith("text_encoder.")}
+    assert len(groups) == 2 and te and {id(p) for p in groups[1]["params"]} == te
+    assert groups[0]["initial_lr"] == 1e-3 and groups[1]["initial_lr"] == 1e-5
+    before = {k: p.detach().clone() for k, p in trainer.trainable.items()}
+    trainer.train()
+    moved = {k: (p.detach() - before[k]).abs().max().item() for k, p in trainer.trainable.items()}
+    assert max(v for k, v in moved.items() if k.startswith("text_encoder.")) < 1e-4  # 2 Adam steps of <= 1e-5
+    assert max(v for k, v in moved.items() if k.startswith("unet.")) > 1e-4
+    with pytest.raises(ValueError, match="text_encoder_lr must be > 0"):
+        _cfg(tmp_path, tiny_train_base, data, text_encoder_lr=0.0)

@@ -38,7 +38,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 # fields that must match to resume a run (others, e.g. max_steps or save_every, may change)
 RESUME_MUST_MATCH = ("mode", "base", "vae", "data", "resolution", "batch_size", "grad_accum", "seed", "lr",
                      "lr_scheduler", "warmup_steps", "unet_config", "text_config", "vae_config", "lora_rank",
-                     "lora_alpha", "train_text_encoder", "freeze_text_encoder", "text_init_std", "cache", "center_crop", "random_flip", "caption_dropout",
+                     "lora_alpha", "train_text_encoder", "text_encoder_lr", "decoder_only", "freeze_text_encoder", "text_init_std", "cache", "center_crop", "random_flip", "caption_dropout",
                      "snr_gamma", "offset_noise", "ema_decay", "optimizer", "prediction_type")
 
 
@@ -48,11 +48,12 @@ class TrainConfig:
     output_dir: str = "runs/train"
     mode: str = "full"  # full | lora | scratch | vae
     base: str | None = None  # checkpoint to start from (full / lora; vae: optional)
-    vae: str | None = None  # scratch: the VAE to train the U-Net on (trained with mode=vae)
+    vae: str | None = None  # scratch: the VAE to train the U-Net on (trained with mode=vae); full/lora: replaces the base's
     unet_config: str | dict | None = None  # scratch: "sd15", "sd21", a JSON file or a dict (UNetConfig fields)
     text_config: str | dict | None = None  # scratch: CLIPTextConfig JSON file or dict (default: a small one)
     vae_config: str | dict | None = None  # vae from scratch: AutoencoderKL config JSON file or dict
     train_text_encoder: bool = False  # full: also fine-tune the text encoder (scratch: see freeze_text_encoder)
+    text_encoder_lr: float | None = None  # peak learning rate of the text encoder when it trains (default: lr)
     freeze_text_encoder: bool = False  # scratch: keep the new text encoder at its random init (not trained)
     text_init_std: float = 0.0  # scratch: std of the new token embeddings (0 = CLIP's 0.02)
     prediction_type: str | None = None  # default: the base model's ("epsilon" from scratch)
@@ -81,6 +82,7 @@ class TrainConfig:
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, 5 is usual
     offset_noise: float = 0.0  # offset noise strength (e.g. 0.05-0.1): darker darks, brighter brights
     kl_weight: float = 1e-6  # vae mode: weight of the KL term
+    decoder_only: bool = False  # vae mode: train the decoder alone (encoder, latents and scaling factor kept)
     lora_rank: int = 4
     lora_alpha: float | None = None  # default: rank
     save_every: int = 500
@@ -103,6 +105,10 @@ class TrainConfig:
             (self.grad_accum < 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.max_steps < 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.lr <= 0, f"lr must be > 0, got {self.lr}"),
+            (self.text_encoder_lr is not None and not self.text_encoder_lr > 0,
+             f"text_encoder_lr must be > 0, got {self.text_encoder_lr}"),
+            (self.decoder_only and self.mode != "vae", "decoder_only is for mode vae (it trains a VAE's decoder)"),
+            (self.decoder_only and not self.base, "decoder_only needs --base: the VAE whose decoder to fine-tune"),
             (self.mixed_precision not in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
             (self.lr_scheduler not in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
             (not 0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}"),
@@ -255,8 +261,7 @@ class Trainer:
         self.trainable = self.models.trainable_named_parameters()
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires a gradient")
-        params = list(self.trainable.values())
-        self.optimizer = self._optimizer(params)
+        self.optimizer = self._optimizer(self._param_groups())
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(c.lr_scheduler, self.optimizer, num_warmup_steps=c.warmup_steps,
@@ -265,6 +270,16 @@ class Trainer:
         self.step = 0
         self.module = self.models.trained_module()
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
+
+    def _param_groups(self) -> list[dict]:
+        """One group, or two when the text encoder trains at its own --text-encoder-lr (the scheduler
+        scales each group's peak alike)."""
+        c = self.cfg
+        te = {k: p for k, p in self.trainable.items() if k.startswith("text_encoder.")}
+        if c.text_encoder_lr is None or not te:
+            return [{"params": list(self.trainable.values())}]
+        rest = [p for k, p in self.trainable.items() if k not in te]
+        return [{"params": rest}, {"params": list(te.values()), "lr": c.text_encoder_lr}]
 
     def _optimizer(self, params):
         c = self.cfg
@@ -308,9 +323,11 @@ class Trainer:
 
         meta = json.loads((folder / "trainer.json").read_text())
         saved = meta["config"]
+        # a setting added after the checkpoint was written had its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         for name in RESUME_MUST_MATCH:
-            if saved.get(name) != getattr(self.cfg, name):
-                raise ValueError(f"cannot resume from {folder}: {name} was {saved.get(name)!r}, now "
+            if saved.get(name, defaults[name]) != getattr(self.cfg, name):
+                raise ValueError(f"cannot resume from {folder}: {name} was {saved.get(name, defaults[name])!r}, now "
                                  f"{getattr(self.cfg, name)!r}; use the same setting or a new --output-dir")
         weights = read_state_dict(folder / "trainable.safetensors")
         if weights.keys() != self.trainable.keys():

@@ -3,7 +3,8 @@
 full     fine-tune every U-Net weight of --base (VAE and text encoder frozen)
 lora     LoRA adapters on the U-Net attention projections of --base; base weights untouched
 scratch  a new U-Net (given config) and a new text encoder, trained jointly, on a given VAE
-vae      a diffusers AutoencoderKL (new from a config, or the --base one), reconstruction + KL
+vae      a diffusers AutoencoderKL (new from a config, or the --base one), reconstruction + KL;
+         --decoder-only trains the decoder alone, so the latent space (and a U-Net trained on it) is kept
 """
 
 from __future__ import annotations
@@ -147,9 +148,12 @@ class DiffusionModels:
 
 
 class VAEModels:
-    def __init__(self, vae):
-        self.vae = vae
+    def __init__(self, vae, decoder_only: bool = False):
+        self.vae, self.decoder_only = vae, decoder_only
         self.vae.requires_grad_(True).train()
+        if decoder_only:  # the encoder (and so every latent a U-Net was trained on) stays exactly as it is
+            self.vae.model.encoder.requires_grad_(False)
+            self.vae.model.quant_conv.requires_grad_(False)
 
     def trainable_named_parameters(self):
         return {k: p for k, p in self.vae.named_parameters() if p.requires_grad}
@@ -183,7 +187,8 @@ class VAEModels:
         from ldm.checkpoint import save_safetensors
         from ldm.vae import vae_metadata, vae_to_original_state_dict
 
-        files = {"scaling_factor": self.fit_scaling_factor(self.dataset)}
+        # decoder only: the latents are unchanged, and so must be the scale a U-Net was trained with
+        files = {"scaling_factor": self.vae.scaling_factor if self.decoder_only else self.fit_scaling_factor(self.dataset)}
         path = out / "vae.safetensors"
         save_safetensors(vae_to_original_state_dict(self.vae, prefix=""), path, metadata=vae_metadata(self.vae))
         files["vae"] = str(path)
@@ -216,13 +221,20 @@ def build_models(c: TrainConfig):
             torch.manual_seed(c.seed)
             cfg = _json_or_dict(c.vae_config, "vae_config") if c.vae_config else {}
             vae = VAE(AutoencoderKL(**cfg))
-        return VAEModels(vae)
+        return VAEModels(vae, c.decoder_only)
 
     if c.mode in ("full", "lora"):
         from ldm.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(c.base, device="cpu", dtype=torch.float32, prediction_type=c.prediction_type)
         unet, vae, text_encoder, tokenizer, schedule = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.schedule
+        if c.vae:  # e.g. a decoder fine-tuned with --mode vae --decoder-only; the export carries it
+            from ldm.vae import load_vae
+
+            vae = load_vae(c.vae)
+            if vae.latent_channels != unet.config.in_channels:
+                raise ValueError(f"--vae {c.vae} has {vae.latent_channels} latent channels, the U-Net of --base "
+                                 f"takes {unet.config.in_channels}")
         train_te = c.train_text_encoder and c.mode == "full"
         if c.mode == "lora":
             from ldm.training.lora import add_lora
@@ -333,7 +345,8 @@ def load_dataset(c: TrainConfig, main: bool = True):
     if c.data == "shapes":
         from ldm.shapes import ShapesDataset
 
-        dataset = ShapesDataset(seed=c.seed, image_size=c.resolution, p_two=c.shapes_two_objects)
+        dataset = ShapesDataset(seed=c.seed, image_size=c.resolution, p_two=c.shapes_two_objects,
+                                caption_dropout=c.caption_dropout)
     else:
         dataset = d.load_training_dataset(c.data, c.resolution, crop="center" if c.center_crop else "random",
                                           random_flip=c.random_flip, caption_dropout=c.caption_dropout, seed=c.seed)
