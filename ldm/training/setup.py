@@ -232,9 +232,6 @@ def build_models(c: TrainConfig):
             from ldm.vae import load_vae
 
             vae = load_vae(c.vae)
-            if vae.latent_channels != unet.config.in_channels:
-                raise ValueError(f"--vae {c.vae} has {vae.latent_channels} latent channels, the U-Net of --base "
-                                 f"takes {unet.config.in_channels}")
         train_te = c.train_text_encoder and c.mode == "full"
         if c.mode == "lora":
             from ldm.training.lora import add_lora
@@ -270,12 +267,12 @@ def build_models(c: TrainConfig):
             with torch.no_grad():
                 text_encoder.get_input_embeddings().weight.normal_(0.0, c.text_init_std)
         vae = load_vae(c.vae or c.base)
-        if vae.latent_channels != unet_config.in_channels:
-            raise ValueError(f"VAE has {vae.latent_channels} latent channels, U-Net in_channels is "
-                             f"{unet_config.in_channels}")
         tokenizer = load_tokenizer()
         schedule = NoiseSchedule(prediction_type=c.prediction_type or "epsilon")
         train_te = not c.freeze_text_encoder
+    if vae.latent_channels != unet.config.in_channels:  # a --vae that does not fit the U-Net
+        raise ValueError(f"VAE {c.vae or c.base} has {vae.latent_channels} latent channels, the U-Net takes "
+                         f"{unet.config.in_channels}; use a VAE with the U-Net's latent space")
     if c.gradient_checkpointing:
         unet.gradient_checkpointing = True
         if train_te:
