@@ -50,6 +50,18 @@ FT=(scripts/train.py --data shapes --mode full --base "$RUNS/demo_unet4/model.sa
 #    accuracy was still climbing), stopped at step 7500
 $PY "${FT[@]}" --max-steps 6000 --stop-at 2250
 $PY "${FT[@]}" --max-steps 8000 --stop-at 7500
-# 6. package: float16 weights into ldm/assets/demo/, then the evaluation
-$PY scripts/package_demo.py --model "$RUNS/demo_unet5/model.safetensors" --guidance 2.0  # docs/demo-model.md
+# 6. from stage 5's model (its EMA weights at step 7500, VAE included): U-Net and text encoder again, on 80%
+#    two-object scenes, a new cosine schedule (stage 5's had annealed while two-object accuracy still rose).
+#    6a: 5250 steps of a 6500-step schedule; 6b: the schedule stretched to 8000 steps (still rising)
+S6=(scripts/train.py --data shapes --mode full --base "$RUNS/demo_unet5/model.safetensors"
+    --train-text-encoder --text-encoder-lr 1e-4 --resolution 64 --shapes-two-objects 0.8 --caption-dropout 0.1
+    --batch-size 24 --lr 2e-4 --warmup-steps 100 --lr-scheduler cosine --ema-decay 0.999 --seed 5
+    --save-every 250 --keep-checkpoints 4 --validate-every 0 --validation-steps 25 --validation-guidance 2
+    --validation-prompts "a red circle to the left of a blue square" "a yellow triangle above a purple square"
+    "a purple triangle at the top left" "a green square on a gray background"
+    --output-dir "$RUNS/demo_unet6" --resume latest)
+$PY "${S6[@]}" --max-steps 6500 --stop-at 5250
+$PY "${S6[@]}" --max-steps 8000
+# 7. package: float16 weights into ldm/assets/demo/, then the evaluation
+$PY scripts/package_demo.py --model "$RUNS/demo_unet6/model.safetensors" --guidance 2.5  # docs/demo-model.md
 $PY scripts/eval_shapes.py --n 240
