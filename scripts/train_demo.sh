@@ -39,27 +39,22 @@ $PY scripts/train.py --data shapes --mode vae --base "$RUNS/demo_vae2/vae.safete
 # 5. from stage 3's model with that decoder: the U-Net and, now that the U-Net uses the position words,
 #    the text encoder too (at half the U-Net's rate), on 60% two-object scenes, with caption dropout
 #    (the unconditional model classifier-free guidance needs; stage 3 had none)
-FT=(scripts/train.py --data shapes --mode full --base "$RUNS/demo_unet4/model.safetensors"
-    --vae "$RUNS/demo_vae3/vae.safetensors" --train-text-encoder --text-encoder-lr 1e-4 --resolution 64
-    --shapes-two-objects 0.6 --caption-dropout 0.1 --batch-size 24 --lr 2e-4 --warmup-steps 100 --lr-scheduler cosine
-    --ema-decay 0.999 --seed 4 --save-every 250 --keep-checkpoints 4 --validate-every 1000 --validation-steps 25
-    --validation-guidance 3 --validation-prompts "a red circle to the left of a blue square"
-    "a yellow triangle above a purple square" "a purple triangle at the top left" "a green square on a gray background"
-    --output-dir "$RUNS/demo_unet5" --resume latest)
+FINETUNE=(scripts/train.py --data shapes --mode full --train-text-encoder --text-encoder-lr 1e-4 --resolution 64
+    --caption-dropout 0.1 --batch-size 24 --lr 2e-4 --warmup-steps 100 --lr-scheduler cosine --ema-decay 0.999
+    --save-every 250 --keep-checkpoints 4 --validation-steps 25
+    --validation-prompts "a red circle to the left of a blue square" "a yellow triangle above a purple square"
+    "a purple triangle at the top left" "a green square on a gray background" --resume latest)
+S5=("${FINETUNE[@]}" --base "$RUNS/demo_unet4/model.safetensors" --vae "$RUNS/demo_vae3/vae.safetensors"
+    --shapes-two-objects 0.6 --seed 4 --validate-every 1000 --validation-guidance 3 --output-dir "$RUNS/demo_unet5")
 #    5a: 2250 steps of a 6000-step cosine schedule; 5b: the schedule stretched to 8000 steps (two-object
 #    accuracy was still climbing), stopped at step 7500
-$PY "${FT[@]}" --max-steps 6000 --stop-at 2250
-$PY "${FT[@]}" --max-steps 8000 --stop-at 7500
+$PY "${S5[@]}" --max-steps 6000 --stop-at 2250
+$PY "${S5[@]}" --max-steps 8000 --stop-at 7500
 # 6. from stage 5's model (its EMA weights at step 7500, VAE included): U-Net and text encoder again, on 80%
 #    two-object scenes, a new cosine schedule (stage 5's had annealed while two-object accuracy still rose).
 #    6a: 5250 steps of a 6500-step schedule; 6b: the schedule stretched to 8000 steps (still rising)
-S6=(scripts/train.py --data shapes --mode full --base "$RUNS/demo_unet5/model.safetensors"
-    --train-text-encoder --text-encoder-lr 1e-4 --resolution 64 --shapes-two-objects 0.8 --caption-dropout 0.1
-    --batch-size 24 --lr 2e-4 --warmup-steps 100 --lr-scheduler cosine --ema-decay 0.999 --seed 5
-    --save-every 250 --keep-checkpoints 4 --validate-every 0 --validation-steps 25 --validation-guidance 2
-    --validation-prompts "a red circle to the left of a blue square" "a yellow triangle above a purple square"
-    "a purple triangle at the top left" "a green square on a gray background"
-    --output-dir "$RUNS/demo_unet6" --resume latest)
+S6=("${FINETUNE[@]}" --base "$RUNS/demo_unet5/model.safetensors" --shapes-two-objects 0.8 --seed 5
+    --validate-every 0 --validation-guidance 2 --output-dir "$RUNS/demo_unet6")
 $PY "${S6[@]}" --max-steps 6500 --stop-at 5250
 $PY "${S6[@]}" --max-steps 8000
 # 7. package: float16 weights into ldm/assets/demo/, then the evaluation
