@@ -190,7 +190,10 @@ class Pipeline:
         tokenizer = load_tokenizer(pad_token=pad)
         sd2 = kind == "sd2"
         prediction_type = prediction_type or meta.get("prediction_type") or ("v_prediction" if sd2 else "epsilon")
-        schedule = NoiseSchedule(prediction_type=prediction_type)
+        if "scheduler" in meta:  # written by save_single_file
+            schedule = NoiseSchedule.from_diffusers_config({**meta["scheduler"], "prediction_type": prediction_type})
+        else:  # other single files (and ours saved before the schedule was stored) hold the SD schedule
+            schedule = NoiseSchedule(prediction_type=prediction_type)
         side = meta.get("sample_size") or (768 if sd2 and prediction_type == "v_prediction" else 512)
         return cls(unet, vae, text_encoder, tokenizer, schedule, (side, side), path,
                    default_guidance=meta.get("guidance_scale") or 7.5)
@@ -253,6 +256,7 @@ class Pipeline:
             "ldm_unet_config": json.dumps(self.unet.config.to_dict()),
             PIPELINE_METADATA: json.dumps({
                 "prediction_type": self.schedule.prediction_type,
+                "scheduler": self.schedule.to_diffusers_config(),
                 "sample_size": self.default_size[0],
                 "guidance_scale": self.default_guidance,
                 "text_kind": "sd1",

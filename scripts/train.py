@@ -40,6 +40,9 @@ HELP = {
     "freeze_text_encoder": "scratch: keep the new text encoder at its random initialization",
     "text_init_std": "scratch: std of the new text encoder's token embeddings (0 = CLIP's 0.02)",
     "prediction_type": "epsilon or v_prediction (default: the base model's; epsilon from scratch)",
+    "zero_terminal_snr": "rescale the noise schedule to zero SNR at the last timestep and sample with trailing "
+                         "timesteps (Lin et al. 2024): x_T then holds nothing of the image, so the layout must come "
+                         "from the text; needs v_prediction; stored in the exported model",
     "resolution": "training image side, a multiple of 8",
     "center_crop": "center crop (else a random crop per epoch); --no-center-crop for random",
     "random_flip": "horizontal flip with probability 0.5",

@@ -340,3 +340,20 @@ def test_text_encoder_lr_is_its_own_param_group(tmp_path, tiny_train_base):
     assert max(v for k, v in moved.items() if k.startswith("unet.")) > 1e-4
     with pytest.raises(ValueError, match="text_encoder_lr must be > 0"):
         _cfg(tmp_path, tiny_train_base, data, text_encoder_lr=0.0)
+
+
+def test_zero_terminal_snr_trains_and_travels_with_the_model(tmp_path, tiny_train_base):
+    """--zero-terminal-snr: the training schedule ends at SNR 0 (x_T holds nothing of the image), and the
+    exported model, single file and diffusers folder, samples with it (trailing timesteps from t = 999)."""
+    data = make_image_folder(tmp_path / "data")
+    trainer = Trainer(_cfg(tmp_path, tiny_train_base, data, max_steps=2, prediction_type="v_prediction",
+                           zero_terminal_snr=True, export_diffusers=True))
+    assert trainer.models.schedule.alphas_cumprod[-1] == 0
+    trainer.train()
+    assert all(np.isfinite(_losses(tmp_path / "run")))
+    for exported in ("model.safetensors", "diffusers"):
+        schedule = Pipeline.from_pretrained(tmp_path / "run" / exported).schedule
+        assert schedule.to_diffusers_config() == trainer.models.schedule.to_diffusers_config(), exported
+        assert schedule.timesteps(25)[0] == 999 and schedule.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="zero_terminal_snr needs v_prediction"):
+        Trainer(_cfg(tmp_path, tiny_train_base, data, zero_terminal_snr=True))  # the tiny base predicts epsilon

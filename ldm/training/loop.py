@@ -39,7 +39,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 RESUME_MUST_MATCH = ("mode", "base", "vae", "data", "resolution", "batch_size", "grad_accum", "seed", "lr",
                      "lr_scheduler", "warmup_steps", "unet_config", "text_config", "vae_config", "lora_rank",
                      "lora_alpha", "train_text_encoder", "text_encoder_lr", "decoder_only", "freeze_text_encoder", "text_init_std", "cache", "center_crop", "random_flip", "caption_dropout",
-                     "snr_gamma", "offset_noise", "ema_decay", "optimizer", "prediction_type")
+                     "snr_gamma", "offset_noise", "ema_decay", "optimizer", "prediction_type", "zero_terminal_snr")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class TrainConfig:
     freeze_text_encoder: bool = False  # scratch: keep the new text encoder at its random init (not trained)
     text_init_std: float = 0.0  # scratch: std of the new token embeddings (0 = CLIP's 0.02)
     prediction_type: str | None = None  # default: the base model's ("epsilon" from scratch)
+    zero_terminal_snr: bool = False  # rescale the schedule to SNR 0 at t = T-1, sample "trailing" (Lin et al. 2024)
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False

@@ -9,6 +9,7 @@ vae      a diffusers AutoencoderKL (new from a config, or the --base one), recon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -270,6 +271,11 @@ def build_models(c: TrainConfig):
         tokenizer = load_tokenizer()
         schedule = NoiseSchedule(prediction_type=c.prediction_type or "epsilon")
         train_te = not c.freeze_text_encoder
+    if c.zero_terminal_snr:
+        if schedule.prediction_type != "v_prediction":
+            raise ValueError(f"zero_terminal_snr needs v_prediction (an {schedule.prediction_type} model cannot "
+                             "predict at SNR 0); add --prediction-type v_prediction")
+        schedule = dataclasses.replace(schedule, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     if vae.latent_channels != unet.config.in_channels:  # a --vae that does not fit the U-Net
         raise ValueError(f"VAE {c.vae or c.base} has {vae.latent_channels} latent channels, the U-Net takes "
                          f"{unet.config.in_channels}; use a VAE with the U-Net's latent space")
