@@ -444,6 +444,10 @@ def relation_holds(a: tuple[float, float], relation: str, b: tuple[float, float]
             "above": b[1] - a[1] > m, "below": a[1] - b[1] > m}[relation]
 
 
+def _largest_of_color(found: list[DetectedObject], color: str) -> DetectedObject | None:
+    return next((o for o in found if o.color == color), None)  # analyze lists the largest first
+
+
 def score(spec: PromptSpec | str, image: np.ndarray) -> dict[str, bool]:
     """Verdicts on an image for what a caption (or its PromptSpec) states.
 
@@ -470,10 +474,7 @@ def score(spec: PromptSpec | str, image: np.ndarray) -> dict[str, bool]:
         if want.position is not None:
             out["position_ok"] = got is not None and got.position == want.position
     else:
-        def of_color(color):
-            return next((o for o in found if o.color == color), None)  # found is largest first
-
-        a, b = (of_color(o.color) for o in spec.objects)
+        a, b = (_largest_of_color(found, o.color) for o in spec.objects)
         out["count_ok"] = len(found) == 2
         out["objects_ok"] = all(got is not None and got.shape == want.shape for got, want in zip((a, b), spec.objects))
         out["relation_ok"] = a is not None and b is not None and relation_holds(a.center, spec.relation, b.center, side)
@@ -595,6 +596,44 @@ def evaluate(pipe, n: int = 240, steps: int = 25, guidance: float | None = None,
     return result
 
 
+REVERSED = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+
+
+def _first_object_side(spec: PromptSpec, image: np.ndarray) -> float | None:
+    """Sign of (first-named object - second) along the relation's axis; None when a color is not found."""
+    found = analyze(image)
+    a, b = (_largest_of_color(found, o.color) for o in spec.objects)
+    if a is None or b is None:
+        return None
+    axis = 0 if spec.relation in ("to the left of", "to the right of") else 1
+    return float(np.sign(a.center[axis] - b.center[axis]))
+
+
+def relation_swap(pipe, result: dict) -> dict[str, int]:
+    """Do the words place the two objects, or the starting noise? Each two-object prompt of an
+    `evaluate(..., keep_images=True)` result is drawn again from the same seed with its relation
+    reversed ("left of" <-> "right of", "above" <-> "below"). Counts: "flipped", the first-named object
+    moves to the other side of the second (the relation word decides); "kept", it stays (the noise
+    decides); "missing", one of the two colors is absent from either image."""
+    if "images" not in result:
+        raise ValueError("relation_swap needs the images: call evaluate(..., keep_images=True)")
+    s = result["settings"]
+    counts = {"flipped": 0, "kept": 0, "missing": 0}
+    for item, image in zip(result["items"], result["images"]):
+        if item["kind"] != "two":
+            continue
+        spec = parse_caption(item["prompt"])
+        swapped = item["prompt"].replace(spec.relation, REVERSED[spec.relation])
+        again = _to_uint8(pipe([swapped], steps=s["steps"], guidance_scale=s["guidance"], seed=item["seed"],
+                               num_images=1, output_type="np", progress=False))[0]
+        before, after = _first_object_side(spec, image), _first_object_side(spec, again)
+        if before is None or after is None:
+            counts["missing"] += 1
+        else:
+            counts["flipped" if before * after < 0 else "kept"] += 1
+    return counts
+
+
 def format_report(result: dict) -> str:
     """The accuracies of `evaluate` as a text table."""
     s, c = result["settings"], result["counts"]
@@ -607,6 +646,10 @@ def format_report(result: dict) -> str:
         group, label = key.split("/")
         lines.append(f"  {group if group != last else '':14} {label:26} {acc:8.1%} {c[kinds[group]]:5d}")
         last = group
+    if "relation_swap" in result:
+        r = result["relation_swap"]
+        lines.append(f"  relation reversed, same seeds: the layout flips in {r['flipped']} of "
+                     f"{r['flipped'] + r['kept']} two-object prompts ({r['missing']} missing a color)")
     return "\n".join(lines)
 
 
@@ -645,5 +688,6 @@ __all__ = [
     "SceneObject", "Scene", "caption_for", "single_scene", "pair_scene", "sample_scene", "render",
     "ObjectSpec", "PromptSpec", "parse_caption", "scene_from_caption", "ShapesDataset",
     "DetectedObject", "estimate_background", "label_components", "analyze", "relation_holds", "score",
-    "EvalPrompt", "eval_prompts", "evaluate", "format_report", "contact_sheet", "result_to_json", "size_px",
+    "EvalPrompt", "eval_prompts", "evaluate", "relation_swap", "REVERSED", "format_report", "contact_sheet",
+    "result_to_json", "size_px",
 ]

@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for contact_sheet.png (each image framed green when "
                    "right, red when not, with its failed checks) and results.json")
     p.add_argument("--json", default=None, help="write the accuracies and per-image verdicts here")
+    p.add_argument("--relation-swap", action="store_true",
+                   help="also draw each two-object prompt again from its seed with the relation reversed and count "
+                   "how often the layout flips (the words place the objects) or stays (the starting noise does)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="U-Net/text encoder dtype")
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
             return _error(message)
 
     from ldm.pipeline import Pipeline
-    from ldm.shapes import contact_sheet, evaluate, format_report, result_to_json
+    from ldm.shapes import contact_sheet, evaluate, format_report, relation_swap, result_to_json
 
     try:
         pipe = Pipeline.from_pretrained(args.weights, device=args.device, dtype=args.dtype)
@@ -76,9 +79,13 @@ def main(argv=None) -> int:
     def progress(done, total):
         print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
-    result = evaluate(pipe, n=args.n, steps=args.steps, guidance=args.guidance,  # None: the model's own seed=args.seed,
-                      batch_size=args.batch_size, keep_images=args.out is not None, progress=progress)
+    # guidance None: the model's recommended value
+    result = evaluate(pipe, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      batch_size=args.batch_size, keep_images=args.out is not None or args.relation_swap,
+                      progress=progress)
     print(file=sys.stderr)
+    if args.relation_swap:
+        result["relation_swap"] = relation_swap(pipe, result)
     result["settings"]["weights"] = str(pipe.model_path) if pipe.model_path is not None else pipe.model_name
     print(format_report(result))
     print(json.dumps(result["accuracy"]))

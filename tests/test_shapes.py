@@ -254,8 +254,8 @@ def test_eval_prompts_fixed_complete_and_covering():
 class FakePipe:
     """Pipeline-like: draws each prompt's ground truth (parsed back from the prompt), or blank images."""
 
-    def __init__(self, blank=False):
-        self.blank, self.calls = blank, []
+    def __init__(self, blank=False, ignore_order=False):
+        self.blank, self.ignore_order, self.calls = blank, ignore_order, []
         self.default_guidance = 4.0  # a model's recommended guidance, used when none is given
 
     def __call__(self, prompt, steps=25, guidance_scale=7.5, seed=0, num_images=1, output_type="pil", progress=True,
@@ -265,6 +265,8 @@ class FakePipe:
         out = np.zeros((len(prompt), 64, 64, 3), np.float32)
         if not self.blank:
             for i, p in enumerate(prompt):
+                if self.ignore_order:  # reads the axis of the relation but not its direction
+                    p = p.replace("to the right of", "to the left of").replace("below", "above")
                 out[i] = render(scene_from_caption(p, np.random.default_rng(seed + i))) / 255.0
         return out
 
@@ -287,6 +289,26 @@ def test_evaluate_perfect_and_blank_pipelines():
     assert all(v == 0.0 for v in main.values()), main
 
 
+def test_relation_swap_tells_words_from_noise():
+    """A pipeline that draws the relation flips every layout when the relation is reversed; one that reads
+    only its axis (the demo model's failure before zero terminal SNR) keeps every layout."""
+    for pipe, expected in ((FakePipe(), "flipped"), (FakePipe(ignore_order=True), "kept")):
+        result = evaluate(pipe, n=40, steps=3, guidance=2.0, batch_size=16, keep_images=True)
+        pipe.calls.clear()
+        counts = shapes.relation_swap(pipe, result)
+        assert counts == {"flipped": 0, "kept": 0, "missing": 0, expected: 10}, counts
+        two = [it for it in result["items"] if it["kind"] == "two"]
+        assert [c[0][0] for c in pipe.calls] == [
+            it["prompt"].replace(r, shapes.REVERSED[r]) for it in two for r in RELATIONS if r in it["prompt"]]
+        assert [c[1:] for c in pipe.calls] == [(3, 2.0, it["seed"]) for it in two]  # the same seeds
+        result["relation_swap"] = counts
+        assert f"the layout flips in {counts['flipped']} of 10 two-object prompts" in shapes.format_report(result)
+    assert shapes.relation_swap(FakePipe(blank=True), evaluate(FakePipe(blank=True), n=8, keep_images=True)) == {
+        "flipped": 0, "kept": 0, "missing": 2}
+    with pytest.raises(ValueError, match="keep_images=True"):
+        shapes.relation_swap(FakePipe(), evaluate(FakePipe(), n=8))
+
+
 def test_script(tmp_path, monkeypatch, capsys):
     assert eval_shapes.main(["--weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -298,12 +320,16 @@ def test_script(tmp_path, monkeypatch, capsys):
     pipe.model_path, pipe.model_name = None, "fake"
     monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", classmethod(lambda cls, *a, **kw: pipe))
     out = tmp_path / "eval"
-    argv = ["--n", "24", "--batch-size", "8", "--out", str(out), "--json", str(tmp_path / "r.json")]
+    argv = ["--n", "24", "--batch-size", "8", "--out", str(out), "--json", str(tmp_path / "r.json"),
+            "--relation-swap"]
     assert eval_shapes.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "two objects" in printed and "100.0%" in printed
+    assert "two objects" in printed and "100.0%" in printed and "the layout flips in 6 of 6" in printed
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["settings"]["n"] == 24 and len(data["items"]) == 24
+    assert data["relation_swap"] == {"flipped": 6, "kept": 0, "missing": 0}
+    assert eval_shapes.main(["--n", "8", "--seed", "5"]) == 0  # --seed reaches the prompts and the images
+    assert pipe.calls[-1][3] == 5 and "seed 5" in capsys.readouterr().out
     assert data["settings"]["guidance"] == 4.0 and {c[2] for c in pipe.calls} == {4.0}  # the model's default
     assert (out / "contact_sheet.png").is_file() and (out / "results.json").is_file()
 
