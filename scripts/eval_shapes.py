@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     problems = [
         (args.n < 1, f"--n {args.n} must be >= 1"),
         (args.steps < 1, f"--steps {args.steps} must be >= 1"),
-        (args.guidance is not None and not args.guidance >= 0, f"--guidance {args.guidance} must be >= 0"),
+        (args.guidance is not None and not 0 <= args.guidance < float("inf"),
+         f"--guidance {args.guidance} must be a finite number >= 0"),
         (args.batch_size < 1, f"--batch-size {args.batch_size} must be >= 1"),
         (args.seed < 0, f"--seed {args.seed} must be >= 0"),
         (args.weights is not None and not Path(args.weights).exists(),

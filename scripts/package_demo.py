@@ -11,6 +11,7 @@ weights when the run keeps an EMA).
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -55,8 +56,8 @@ def main(argv=None) -> int:
                    help="the model's recommended guidance scale, stored in the file: txt2img.py and "
                    "eval_shapes.py use it when --guidance is not given (default: keep the source's)")
     args = p.parse_args(argv)
-    if args.guidance is not None and not args.guidance >= 0:
-        p.error(f"--guidance {args.guidance} must be >= 0")
+    if args.guidance is not None and not 0 <= args.guidance < float("inf"):
+        p.error(f"--guidance {args.guidance} must be a finite number >= 0")
 
     from safetensors import safe_open
 
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     from ldm.pipeline import DEMO_MODEL
 
     out = Path(args.out) if args.out else DEMO_MODEL
-    with tempfile.TemporaryDirectory() as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".package-") as tmp:  # same disk: an atomic rename
         try:
             if args.checkpoint:
                 source = model_from_checkpoint(Path(args.checkpoint), Path(tmp) / "model.safetensors")
@@ -78,20 +80,23 @@ def main(argv=None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    meta["ldm_demo_source"] = str(args.checkpoint or args.model)
-    if args.guidance is not None:
-        from ldm.pipeline import PIPELINE_METADATA
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        meta["ldm_demo_source"] = str(args.checkpoint or args.model)
+        if args.guidance is not None:
+            from ldm.pipeline import PIPELINE_METADATA
 
-        pipeline_meta = json.loads(meta.get(PIPELINE_METADATA, "{}"))
-        pipeline_meta["guidance_scale"] = args.guidance
-        meta[PIPELINE_METADATA] = json.dumps(pipeline_meta)
-    save_safetensors(tensors, out, metadata=meta)
-    size_mb = out.stat().st_size / 2**20
+            pipeline_meta = json.loads(meta.get(PIPELINE_METADATA, "{}"))
+            pipeline_meta["guidance_scale"] = args.guidance
+            meta[PIPELINE_METADATA] = json.dumps(pipeline_meta)
+        packed = Path(tmp) / "packed.safetensors"  # moved to --out only once it fits the budget
+        save_safetensors(tensors, packed, metadata=meta)
+        size_mb = packed.stat().st_size / 2**20
+        if size_mb > LIMIT_MB:
+            print(f"error: the packaged model is {size_mb:.1f} MiB, over the {LIMIT_MB} MiB budget of the demo "
+                  f"model; {out} is left as it was", file=sys.stderr)
+            return 2
+        os.replace(packed, out)
     print(f"{out}: {size_mb:.1f} MiB, {sum(v.numel() for v in tensors.values()) / 1e6:.1f}M parameters (float16)")
-    if size_mb > LIMIT_MB:
-        print(f"error: {out} is over the {LIMIT_MB} MiB budget of the demo model", file=sys.stderr)
-        return 2
     return 0
 
 

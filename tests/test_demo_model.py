@@ -59,3 +59,25 @@ def test_main_job_default_command(tmp_path, capsys):
     assert verdict["color_ok"] and verdict["shape_ok"] and verdict["position_ok"], verdict
     parameters = Image.open(path).text["parameters"]
     assert "Model: ldm-shapes-demo" in parameters and "CFG scale: 2.5," in parameters
+
+
+def test_package_demo_keeps_the_schedule_and_the_budget(tmp_path, capsys, monkeypatch):
+    """package_demo.py re-stores a model in float16 with its recommended guidance; the schedule (zero terminal
+    SNR for the demo model) travels with it; bad input leaves the destination as it was."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import package_demo
+
+    out = tmp_path / "demo.safetensors"
+    assert package_demo.main(["--model", str(DEMO_MODEL), "--out", str(out), "--guidance", "3"]) == 0
+    packed = Pipeline.from_pretrained(out)
+    shipped = Pipeline.from_pretrained()
+    assert packed.default_guidance == 3.0
+    assert packed.schedule.to_diffusers_config() == shipped.schedule.to_diffusers_config()
+    with pytest.raises(SystemExit) as e:
+        package_demo.main(["--model", str(DEMO_MODEL), "--out", str(out), "--guidance", "inf"])
+    assert e.value.code == 2 and "must be a finite number >= 0" in capsys.readouterr().err
+    monkeypatch.setattr(package_demo, "LIMIT_MB", 1)
+    before = out.read_bytes()
+    assert package_demo.main(["--model", str(DEMO_MODEL), "--out", str(out)]) == 2
+    assert "over the 1 MiB budget" in capsys.readouterr().err
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["demo.safetensors"]

@@ -313,6 +313,7 @@ def test_script(tmp_path, monkeypatch, capsys):
     assert eval_shapes.main(["--weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
     assert eval_shapes.main(["--n", "0"]) == 2
+    assert eval_shapes.main(["--guidance", "inf"]) == 2 and "finite" in capsys.readouterr().err
 
     from ldm import pipeline
 
