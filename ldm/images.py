@@ -281,6 +281,14 @@ def png_info(parameters: str, extra: dict[str, Any] | None = None):
     return info
 
 
+def new_file_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or folder (0o777) gets, less the umask. mkstemp's temporary files are
+    0o600 and mkdtemp's folders 0o700, which the final rename would keep: outputs only their owner reads."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def save_png(image, path: str | os.PathLike, parameters: str, extra: dict[str, Any] | None = None) -> Path:
     """Write `image` (PIL) as a PNG carrying `parameters` (and `extra`) as text chunks.
 
@@ -298,6 +306,7 @@ def save_png(image, path: str | os.PathLike, parameters: str, extra: dict[str, A
             image.save(f, format="PNG", pnginfo=png_info(parameters, extra))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
         try:
             os.link(tmp, path)  # atomic, and refuses an existing destination
         except FileExistsError:

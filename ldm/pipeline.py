@@ -23,6 +23,7 @@ import torch
 
 from ldm.checkpoint import (UNET_PREFIX, load_unet, read_state_dict, save_safetensors, stored_json,
                             unet_from_single_file)
+from ldm.images import new_file_mode
 from ldm.samplers import SAMPLERS, cfg_combine, randn
 from ldm.schedule import NoiseSchedule
 from ldm.text import SD1_PREFIX, TextEncoder, detect_kind, load_text_encoder, load_tokenizer, text_encoder_from_single_file
@@ -283,6 +284,7 @@ class Pipeline:
             raise FileExistsError(f"{folder} already exists; choose a new folder (nothing is overwritten)")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        os.chmod(tmp, new_file_mode(directory=True))
         try:
             save_unet_diffusers(self.unet, tmp / "unet")
             unet_cfg = json.loads((tmp / "unet" / "config.json").read_text())

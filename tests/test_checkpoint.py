@@ -217,3 +217,26 @@ def test_read_state_dict_prefix(tmp_path):
     save_file(_original_layout(unet), tmp_path / "m.safetensors")
     vae = read_state_dict(tmp_path / "m.safetensors", prefix="first_stage_model.")
     assert list(vae) == ["first_stage_model.decoder.conv_in.weight"]
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    """Files and folders written through a temporary one (models, PNGs, checkpoints) get the mode of any new
+    file (0o666 less the umask) or folder (0o777 less it), not mkstemp's 0o600 or mkdtemp's 0o700."""
+    import os
+
+    from PIL import Image
+
+    from ldm.checkpoint import save_safetensors
+    from ldm.images import save_png
+
+    from ldm.training.loop import _atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"x": torch.zeros(2)}, tmp_path / "m.safetensors")
+        save_png(Image.new("RGB", (4, 4)), tmp_path / "i.png", "a prompt")
+        _atomic_dir(tmp_path / "step-1", lambda tmp: None)  # how training checkpoints are written
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"m.safetensors": 0o644, "i.png": 0o644, "step-1": 0o755}

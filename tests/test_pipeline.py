@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ldm
+from ldm.images import new_file_mode
 from ldm.pipeline import Pipeline
 
 TOL = 2e-3
@@ -154,6 +155,7 @@ def test_save_diffusers_folder_round_trip(tiny_sd2_folder, tmp_path):
     """Our export loads in diffusers' StableDiffusionPipeline and back in ours: same images."""
     pipe = Pipeline.from_pretrained(tiny_sd2_folder)
     out = pipe.save_diffusers(tmp_path / "export")
+    assert out.stat().st_mode & 0o777 == new_file_mode(directory=True)  # not mkdtemp's owner-only 0o700
     a = pipe(PROMPTS, steps=3, seed=2, output_type="np", progress=False)
     b = Pipeline.from_pretrained(out)(PROMPTS, steps=3, seed=2, output_type="np", progress=False)
     c = _theirs(_diffusers(out), PROMPTS, None, 3, 7.5, 2, 1)

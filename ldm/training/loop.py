@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import save_safetensors
+from ldm.images import new_file_mode
 from ldm.schedule import NoiseSchedule
 from ldm.training.ema import EMA
 
@@ -200,6 +201,7 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode(directory=True))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
