@@ -123,8 +123,9 @@ def pipeline_pair(weights: str | None = None, device=None):
 
         dcfg = unet_config_to_diffusers(ours.unet.config)
         unet = _diffusers_unet_from_config(dcfg, meta=True)
-        unet.load_state_dict(convert_ldm_unet_checkpoint(read_state_dict(path), dcfg, extract_ema=True),
-                             strict=True, assign=True)
+        converted = convert_ldm_unet_checkpoint(read_state_dict(path), dcfg, extract_ema=True)
+        # float32 as ours (assign=True would keep a float16 file's dtype: the demo model is stored so)
+        unet.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True, assign=True)
         theirs = StableDiffusionPipeline(vae=ours.vae.model, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
                                          unet=unet.eval(), scheduler=scheduler, safety_checker=None,
                                          feature_extractor=None, requires_safety_checker=False)
