@@ -357,3 +357,8 @@ def test_zero_terminal_snr_trains_and_travels_with_the_model(tmp_path, tiny_trai
         assert schedule.timesteps(25)[0] == 999 and schedule.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="zero_terminal_snr needs v_prediction"):
         Trainer(_cfg(tmp_path, tiny_train_base, data, zero_terminal_snr=True))  # the tiny base predicts epsilon
+    with pytest.raises(ValueError, match="mode vae has none"):
+        _cfg(tmp_path, tiny_train_base, data, mode="vae", zero_terminal_snr=True)
+    # a base trained so keeps its schedule without the flag
+    again = Trainer(_cfg(tmp_path / "again", tmp_path / "run" / "model.safetensors", data, max_steps=1))
+    assert again.models.schedule.to_diffusers_config() == trainer.models.schedule.to_diffusers_config()

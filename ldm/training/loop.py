@@ -126,6 +126,8 @@ class TrainConfig:
             (self.lora_rank < 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
             (self.prediction_type not in (None, "epsilon", "v_prediction"),
              f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}"),
+            (self.zero_terminal_snr and self.mode == "vae",
+             "zero_terminal_snr is a noise schedule for diffusion training; mode vae has none"),
         ]
         for bad, message in problems:
             if bad:
