@@ -101,6 +101,16 @@ def prepare_for_inference(module: torch.nn.Module, device: torch.device | str) -
     return module
 
 
+def _schedule(config: dict | None, prediction_type: str | None) -> NoiseSchedule:
+    """The schedule of a stored DDIMScheduler config, or SD's when there is none; a given prediction_type
+    overrides the config's (without either: epsilon)."""
+    if config is None:
+        return NoiseSchedule(prediction_type=prediction_type or "epsilon")
+    if prediction_type:
+        config = {**config, "prediction_type": prediction_type}
+    return NoiseSchedule.from_diffusers_config(config)
+
+
 class Pipeline:
     """Public parts: `unet` (ldm.UNet), `vae` (ldm.vae.VAE), `text_encoder` (transformers CLIPTextModel),
     `tokenizer` (CLIPTokenizer), `schedule` (ldm.schedule.NoiseSchedule)."""
@@ -164,16 +174,13 @@ class Pipeline:
         text_encoder = load_text_encoder(folder / "text_encoder")
         tokenizer = load_tokenizer(folder / "tokenizer")
         sched_file = folder / "scheduler" / "scheduler_config.json"
+        sched_cfg = None
         if sched_file.is_file():
             try:
                 sched_cfg = json.loads(sched_file.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{sched_file}: not valid JSON ({e})") from None
-            if prediction_type:
-                sched_cfg["prediction_type"] = prediction_type
-            schedule = NoiseSchedule.from_diffusers_config(sched_cfg)
-        else:  # the SD schedule
-            schedule = NoiseSchedule(prediction_type=prediction_type or "epsilon")
+        schedule = _schedule(sched_cfg, prediction_type)
         sample = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size", 64)
         side = int(sample if isinstance(sample, int) else sample[0]) * vae.downsample_factor
         return cls(unet, vae, text_encoder, tokenizer, schedule, (side, side), folder)
@@ -191,10 +198,8 @@ class Pipeline:
         tokenizer = load_tokenizer(pad_token=pad)
         sd2 = kind == "sd2"
         prediction_type = prediction_type or meta.get("prediction_type") or ("v_prediction" if sd2 else "epsilon")
-        if "scheduler" in meta:  # written by save_single_file
-            schedule = NoiseSchedule.from_diffusers_config({**meta["scheduler"], "prediction_type": prediction_type})
-        else:  # other single files (and ours saved before the schedule was stored) hold the SD schedule
-            schedule = NoiseSchedule(prediction_type=prediction_type)
+        # save_single_file stores the schedule; other single files (and ours saved before) hold SD's
+        schedule = _schedule(meta.get("scheduler"), prediction_type)
         side = meta.get("sample_size") or (768 if sd2 and prediction_type == "v_prediction" else 512)
         return cls(unet, vae, text_encoder, tokenizer, schedule, (side, side), path,
                    default_guidance=meta.get("guidance_scale") or 7.5)
