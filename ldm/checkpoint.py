@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -107,6 +108,22 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+def atomic_dir(final: Path, write, replace_existing: bool = False) -> None:
+    """Write a folder through a temporary sibling (`write(tmp)`), then rename: never a half-written folder.
+    replace_existing: remove a folder already at `final` first (otherwise the rename fails on one)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        write(tmp)
+        os.chmod(tmp, new_file_mode(directory=True))
+        if replace_existing and final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

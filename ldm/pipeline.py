@@ -21,9 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ldm.checkpoint import (UNET_PREFIX, load_unet, read_state_dict, save_safetensors, stored_json,
+from ldm.checkpoint import (UNET_PREFIX, atomic_dir, load_unet, read_state_dict, save_safetensors, stored_json,
                             unet_from_single_file)
-from ldm.images import new_file_mode
 from ldm.samplers import SAMPLERS, cfg_combine, randn
 from ldm.schedule import NoiseSchedule
 from ldm.text import SD1_PREFIX, TextEncoder, detect_kind, load_text_encoder, load_tokenizer, text_encoder_from_single_file
@@ -278,19 +277,14 @@ class Pipeline:
         """A diffusers folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json) that both
         `Pipeline.from_pretrained` and diffusers' `StableDiffusionPipeline.from_pretrained` load.
         Written to a temporary sibling folder, then renamed: never a half-written folder."""
-        import shutil
-        import tempfile
-
         from ldm.checkpoint import save_unet_diffusers
         from ldm.vae import save_vae_diffusers
 
         folder = Path(folder)
         if folder.exists():
             raise FileExistsError(f"{folder} already exists; choose a new folder (nothing is overwritten)")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        os.chmod(tmp, new_file_mode(directory=True))
-        try:
+
+        def write(tmp: Path) -> None:
             save_unet_diffusers(self.unet, tmp / "unet")
             unet_cfg = json.loads((tmp / "unet" / "config.json").read_text())
             unet_cfg["sample_size"] = self.default_size[0] // self.vae.downsample_factor
@@ -307,10 +301,8 @@ class Pipeline:
                      "safety_checker": [None, None], "feature_extractor": [None, None],
                      "requires_safety_checker": False}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_dir(folder, write)  # the rename fails on a non-empty folder that appeared meanwhile
         return folder
 
     # ------------------------------------------------------------------ generation

@@ -226,16 +226,14 @@ def test_written_files_get_the_usual_mode(tmp_path):
 
     from PIL import Image
 
-    from ldm.checkpoint import save_safetensors
+    from ldm.checkpoint import atomic_dir, save_safetensors
     from ldm.images import save_png
-
-    from ldm.training.loop import _atomic_dir
 
     old = os.umask(0o022)
     try:
         save_safetensors({"x": torch.zeros(2)}, tmp_path / "m.safetensors")
         save_png(Image.new("RGB", (4, 4)), tmp_path / "i.png", "a prompt")
-        _atomic_dir(tmp_path / "step-1", lambda tmp: None)  # how training checkpoints are written
+        atomic_dir(tmp_path / "step-1", lambda tmp: None)  # training checkpoints, diffusers folders
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import save_safetensors
-from ldm.images import new_file_mode
+from ldm.checkpoint import atomic_dir, save_safetensors
 from ldm.schedule import NoiseSchedule
 from ldm.training.ema import EMA
 
@@ -198,20 +196,6 @@ def vae_loss(vae, images: torch.Tensor, g: torch.Generator, sl: slice, global_ba
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        write(tmp)
-        os.chmod(tmp, new_file_mode(directory=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def list_checkpoints(output_dir: Path) -> list[Path]:
     folder = output_dir / "checkpoints"
     if not folder.is_dir():
@@ -318,7 +302,7 @@ class Trainer:
                        "config": self.cfg.to_dict()}
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
 
-        _atomic_dir(final, write)
+        atomic_dir(final, write, replace_existing=True)
         for old in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
