@@ -60,7 +60,7 @@ $PY "${S6[@]}" --max-steps 8000
 # 7. from stage 6's model: the same fine-tune on the schedule rescaled to zero terminal SNR (x_T is pure noise,
 #    sampling starts at t = 999). SD's schedule leaves 7-9% of the image in x_T: the model had learned to read
 #    the objects' order from that leak, so from pure noise the noise set the order (reversing the relation word
-#    flipped 3 of 55 layouts) and two-object scenes stayed near 57%
+#    flipped 3 of 57 layouts, eval_shapes.py --relation-swap) and two-object scenes stayed near 57%
 S7=("${FINETUNE[@]}" --base "$RUNS/demo_unet6/model.safetensors" --zero-terminal-snr --shapes-two-objects 0.8
     --seed 6 --validate-every 0 --validation-guidance 2.5 --output-dir "$RUNS/demo_unet7")
 $PY "${S7[@]}" --max-steps 5000
