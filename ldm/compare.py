@@ -12,9 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import (_find_diffusers_unet_folder, load_unet, read_state_dict, unet_config_to_diffusers,
-                            unet_to_diffusers_state_dict)
-from ldm.unet import UNet, UNetConfig, random_weights_
+from ldm.formats.checkpoint import (
+    _find_diffusers_unet_folder,
+    load_unet,
+    read_state_dict,
+    unet_config_to_diffusers,
+    unet_to_diffusers_state_dict,
+)
+from ldm.models.unet import UNet, UNetConfig, random_weights_
 
 
 def _diffusers_unet_from_config(cfg: dict, meta: bool):
@@ -71,8 +76,16 @@ def timed(fn, device=None):
 
 
 @torch.no_grad()
-def compare_unets(ours: UNet, theirs, height: int = 512, width: int = 512, batch: int = 2, timestep: int = 500,
-                  repeats: int = 1, seed: int = 0) -> dict:
+def compare_unets(
+    ours: UNet,
+    theirs,
+    height: int = 512,
+    width: int = 512,
+    batch: int = 2,
+    timestep: int = 500,
+    repeats: int = 1,
+    seed: int = 0,
+) -> dict:
     """One forward of each on identical inputs: differences and median times (interleaved runs)."""
     c = ours.config
     g = torch.Generator().manual_seed(seed)
@@ -109,14 +122,16 @@ def pipeline_pair(weights: str | None = None, device=None):
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from ldm.pipeline import Pipeline
+    from ldm.pipelines.pipeline import Pipeline
 
     ours = Pipeline.from_pretrained(weights, device=device, dtype=torch.float32)
     scheduler = DDIMScheduler.from_config(ours.schedule.to_diffusers_config())
     path = ours.model_path
+    assert path is not None  # from_pretrained records it
     if path.is_dir():
-        theirs = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                         local_files_only=True)
+        theirs = StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
         theirs.scheduler = scheduler
     else:
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -126,9 +141,16 @@ def pipeline_pair(weights: str | None = None, device=None):
         converted = convert_ldm_unet_checkpoint(read_state_dict(path), dcfg, extract_ema=True)
         # float32 as ours (assign=True would keep a float16 file's dtype: the demo model is stored so)
         unet.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True, assign=True)
-        theirs = StableDiffusionPipeline(vae=ours.vae.model, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer,
-                                         unet=unet.eval(), scheduler=scheduler, safety_checker=None,
-                                         feature_extractor=None, requires_safety_checker=False)
+        theirs = StableDiffusionPipeline(
+            vae=ours.vae.model,
+            text_encoder=ours.text_encoder,
+            tokenizer=ours.tokenizer,
+            unet=unet.eval(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     theirs.to(ours.device)
     theirs.set_progress_bar_config(disable=True)
     return ours, theirs
@@ -143,48 +165,85 @@ def psnr(a, b) -> float:
 
 
 @torch.no_grad()
-def compare_pipelines(ours, theirs, prompt: str, negative_prompt: str | None = None, steps: int = 20,
-                      guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
-                      width: int | None = None, progress: bool = False) -> dict:
+def compare_pipelines(
+    ours,
+    theirs,
+    prompt: str,
+    negative_prompt: str | None = None,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Stage by stage: text embeddings, first guided U-Net prediction, final latents, images; times of each."""
-    from ldm.samplers import cfg_combine
+    from ldm.sampling.denoiser import cfg_combine
 
     height = height or ours.default_size[0]
     width = width or ours.default_size[1]
     device = ours.device
     r: dict = {}
 
-    (cond, uncond), r["text_ours_s"] = timed(lambda: ours.encode_prompt([prompt], None if negative_prompt is None
-                                                                        else [negative_prompt]))
+    (cond, uncond), r["text_ours_s"] = timed(
+        lambda: ours.encode_prompt([prompt], None if negative_prompt is None else [negative_prompt])
+    )
     (t_cond, t_uncond), r["text_diffusers_s"] = timed(
-        lambda: theirs.encode_prompt(prompt, device, 1, True, negative_prompt))
+        lambda: theirs.encode_prompt(prompt, device, 1, True, negative_prompt)
+    )
     r["text_max_abs"] = max((cond - t_cond).abs().max().item(), (uncond - t_uncond).abs().max().item())
 
     # first guided prediction on the seed's x_T at the first timestep
     f = ours.vae.downsample_factor
-    x = torch.randn((1, ours.unet.config.in_channels, height // f, width // f),
-                    generator=torch.Generator("cpu").manual_seed(seed)).to(device)
+    x = torch.randn(
+        (1, ours.unet.config.in_channels, height // f, width // f), generator=torch.Generator("cpu").manual_seed(seed)
+    ).to(device)
     t = ours.schedule.timesteps(steps)[0]
     a, r["unet_ours_s"] = timed(lambda: ours.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])))
     b, r["unet_diffusers_s"] = timed(
-        lambda: theirs.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([t_uncond, t_cond])).sample)
-    a, b = cfg_combine(*a.chunk(2), guidance_scale), cfg_combine(*b.chunk(2), guidance_scale)
+        lambda: theirs.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([t_uncond, t_cond])).sample
+    )
+    (a_u, a_c), (b_u, b_c) = a.chunk(2), b.chunk(2)
+    a, b = cfg_combine(a_u, a_c, guidance_scale), cfg_combine(b_u, b_c, guidance_scale)
     r["unet_max_abs"], r["unet_max_rel"] = (a - b).abs().max().item(), ((a - b).abs().max() / b.abs().max()).item()
 
-    lat_a, r["sample_ours_s"] = timed(lambda: ours(prompt, negative_prompt=negative_prompt, steps=steps,
-                                                   guidance_scale=guidance_scale, seed=seed, height=height,
-                                                   width=width, output_type="latent", progress=progress))
-    lat_b, r["sample_diffusers_s"] = timed(lambda: theirs(
-        prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-        generator=[torch.Generator("cpu").manual_seed(seed)], height=height, width=width,
-        output_type="latent").images)
+    lat_a, r["sample_ours_s"] = timed(
+        lambda: ours(
+            prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            height=height,
+            width=width,
+            output_type="latent",
+            progress=progress,
+        )
+    )
+    lat_b, r["sample_diffusers_s"] = timed(
+        lambda: (
+            theirs(
+                prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(seed)],
+                height=height,
+                width=width,
+                output_type="latent",
+            ).images
+        )
+    )
     r["latents_max_abs"] = (lat_a - lat_b).abs().max().item()
 
-    from ldm.vae import to_numpy
+    from ldm.models.vae import to_numpy
 
     img_a, r["decode_ours_s"] = timed(lambda: to_numpy(ours.vae.decode(lat_a)))
-    img_b, r["decode_diffusers_s"] = timed(lambda: theirs.image_processor.postprocess(
-        theirs.vae.decode(lat_b / theirs.vae.config.scaling_factor, return_dict=False)[0], output_type="np"))
+    img_b, r["decode_diffusers_s"] = timed(
+        lambda: theirs.image_processor.postprocess(
+            theirs.vae.decode(lat_b / theirs.vae.config.scaling_factor, return_dict=False)[0], output_type="np"
+        )
+    )
     r["image_max_abs"] = float(abs(img_a - img_b).max())
     r["image_psnr_db"] = psnr(img_a, img_b)
     r["size"] = (height, width)

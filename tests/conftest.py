@@ -1,10 +1,10 @@
 """Shared helpers: tiny U-Net configs and a diffusers twin of a UNet on the same weights."""
 
-import torch
 import pytest
+import torch
 
-from ldm.checkpoint import unet_config_to_diffusers, unet_to_diffusers_state_dict
-from ldm.unet import UNet, UNetConfig, random_weights_
+from ldm.formats.checkpoint import unet_config_to_diffusers, unet_to_diffusers_state_dict
+from ldm.models.unet import UNet, UNetConfig, random_weights_
 
 # tiny models: one thread avoids OpenMP oversubscription on small shared machines (10x slower otherwise)
 torch.set_num_threads(1)
@@ -12,15 +12,25 @@ torch.set_num_threads(1)
 
 def tiny_sd1_config(**kw) -> UNetConfig:
     """SD1-like: fixed head count, conv projections; one level without attention."""
-    base = dict(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(0, 1), num_heads=4,
-                context_dim=32, norm_groups=8)
+    base = dict(
+        model_channels=32, channel_mult=(1, 2, 2), attention_levels=(0, 1), num_heads=4, context_dim=32, norm_groups=8
+    )
     return UNetConfig(**{**base, **kw})
 
 
 def tiny_sd2_config(**kw) -> UNetConfig:
     """SD2-like: fixed head width, linear projections, depth-2 transformers."""
-    base = dict(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(1, 2), num_heads=None, head_dim=8,
-                context_dim=48, norm_groups=8, use_linear_projection=True, transformer_depth=2)
+    base = dict(
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        attention_levels=(1, 2),
+        num_heads=None,
+        head_dim=8,
+        context_dim=48,
+        norm_groups=8,
+        use_linear_projection=True,
+        transformer_depth=2,
+    )
     return UNetConfig(**{**base, **kw})
 
 
@@ -53,29 +63,56 @@ def _tiny_diffusers_pipeline(kind: str, seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.text import load_tokenizer
+    from ldm.models.clip import load_tokenizer
 
     sd2 = kind == "sd2"
     config = tiny_sd2_config(context_dim=32) if sd2 else tiny_sd1_config()
     torch.manual_seed(seed)
     unet = diffusers_unet(config, random_weights_(UNet(config), seed=seed).state_dict())
     unet.register_to_config(sample_size=8)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
-                        norm_num_groups=8, sample_size=64, scaling_factor=0.18215)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
     random_weights_(vae, seed=seed + 1, scale=0.8)
-    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                 num_attention_heads=4, max_position_embeddings=77,
-                                 hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=32)
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=32,
+    )
     text_encoder = CLIPTextModel(text_config)
     random_weights_(text_encoder, seed=seed + 2)
     tokenizer = load_tokenizer(pad_token="!" if sd2 else None)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="v_prediction" if sd2 else "epsilon")
-    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _saved(tmp_path_factory, kind):
@@ -101,7 +138,7 @@ def tiny_train_base(tmp_path_factory, tiny_sd_folder):
     """The tiny SD1-like pipeline with a VAE fit for training tests: a near-deterministic encoder
     (posterior std ~0.002) and a scaling factor that gives unit-variance latents, so that training
     targets are the images and not the random VAE's noise."""
-    from ldm.pipeline import Pipeline
+    from ldm.pipelines.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(tiny_sd_folder)
     quant = pipe.vae.model.quant_conv  # 2*C outputs: mean, then log-variance
@@ -113,7 +150,7 @@ def tiny_train_base(tmp_path_factory, tiny_sd_folder):
         mask = torch.zeros(64, 1, 64, 64)
         for i in range(64):
             x, y = (i * 7) % 40, (i * 13) % 40
-            mask[i, :, y:y + 24, x:x + 24] = 1
+            mask[i, :, y : y + 24, x : x + 24] = 1
         images = colors * mask + (1 - mask) * 0.9
         mean = pipe.vae.model.encode(images).latent_dist.mean
     factor = float(1 / mean.std())
@@ -130,14 +167,22 @@ def make_image_folder(root, n=8, size=64, layout="txt"):
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
-    colors = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 210, 40), (140, 60, 180), (245, 140, 30),
-              (20, 20, 20), (128, 128, 128)]
+    colors = [
+        (220, 40, 40),
+        (40, 170, 60),
+        (40, 80, 220),
+        (240, 210, 40),
+        (140, 60, 180),
+        (245, 140, 30),
+        (20, 20, 20),
+        (128, 128, 128),
+    ]
     names = ["red", "green", "blue", "yellow", "purple", "orange", "black", "gray"]
     lines = []
     for i in range(n):
         a = np.full((size, size, 3), 245, np.uint8)
         x, y = (i % 4) * (size // 5) + 2, (i // 4 % 2) * (size // 2) + 2
-        a[y:y + size * 3 // 8, x:x + size * 5 // 16] = colors[i % 8]
+        a[y : y + size * 3 // 8, x : x + size * 5 // 16] = colors[i % 8]
         Image.fromarray(a).save(root / f"{i:03d}.png")
         caption = f"a {names[i % 8]} block number {i}"
         if layout == "txt":

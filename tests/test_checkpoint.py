@@ -6,13 +6,18 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_sd1_config, tiny_sd2_config
 from safetensors.torch import save_file
 
 import ldm
-from conftest import tiny_sd1_config, tiny_sd2_config
-from ldm.checkpoint import (detect_unet_config, load_unet, read_state_dict, save_unet_diffusers,
-                            save_unet_single_file)
-from ldm.unet import UNet, random_weights_
+from ldm.formats.checkpoint import (
+    detect_unet_config,
+    load_unet,
+    read_state_dict,
+    save_unet_diffusers,
+    save_unet_single_file,
+)
+from ldm.models.unet import UNet, random_weights_
 
 
 def _original_layout(unet, with_ema=False):
@@ -49,8 +54,10 @@ def test_single_file_round_trip_safetensors_and_ckpt(tmp_path, make_config):
 
 
 def test_config_detected_from_shapes(tmp_path):
-    for config in (tiny_sd1_config(num_heads=8, norm_groups=32),
-                   tiny_sd2_config(head_dim=64, model_channels=64, context_dim=1024, norm_groups=32)):
+    for config in (
+        tiny_sd1_config(num_heads=8, norm_groups=32),
+        tiny_sd2_config(head_dim=64, model_channels=64, context_dim=1024, norm_groups=32),
+    ):
         unet = random_weights_(UNet(config), seed=1)
         save_file(_original_layout(unet), tmp_path / "m.safetensors")
         loaded = ldm.load_unet(tmp_path / "m.safetensors")  # no config: detected
@@ -146,9 +153,13 @@ def test_missing_key_is_named(tmp_path):
     sd = _original_layout(random_weights_(UNet(config), seed=6))
     del sd["model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_v.weight"]
     save_file(sd, tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match=r"missing tensor 'middle_block\.1\.transformer_blocks\.0\.attn2\.to_v\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'middle_block\.1\.transformer_blocks\.0\.attn2\.to_v\.weight'"
+    ):
         load_unet(tmp_path / "m.safetensors", config)
-    with pytest.raises(ValueError, match=r"missing tensor 'middle_block\.1\.transformer_blocks\.0\.attn2\.to_v\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"missing tensor 'middle_block\.1\.transformer_blocks\.0\.attn2\.to_v\.weight'"
+    ):
         load_unet(tmp_path / "m.safetensors")  # detection does not hide it either
 
 
@@ -185,7 +196,9 @@ def test_malicious_ckpt_does_not_run(tmp_path):
     with open(q, "wb") as f:
         pickle.dump({"x": _RunsCode(marker)}, f, protocol=2)
     for path in (p, q):
-        with pytest.raises(ValueError, match=r"refused to load — the pickle calls (io|builtins)\.open, which may run code"):
+        with pytest.raises(
+            ValueError, match=r"refused to load — the pickle calls (io|builtins)\.open, which may run code"
+        ):
             load_unet(path)
     r = tmp_path / "evil_protocol4.ckpt"  # an opcode the safe unpickler does not know: refused before any call
     with open(r, "wb") as f:
@@ -226,8 +239,9 @@ def test_written_files_get_the_usual_mode(tmp_path):
 
     from PIL import Image
 
-    from ldm.checkpoint import atomic_dir, save_safetensors
-    from ldm.images import save_png
+    from ldm.formats.atomic import atomic_dir
+    from ldm.formats.checkpoint import save_safetensors
+    from ldm.outputs import save_png
 
     old = os.umask(0o022)
     try:

@@ -1,18 +1,14 @@
 """scripts/compare_diffusers.py on small checkpoints: diffusers loads them its own way, outputs agree."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import tiny_sd1_config, tiny_sd2_config
 from safetensors.torch import save_file
 
-from conftest import tiny_sd1_config, tiny_sd2_config
-from ldm.checkpoint import save_unet_diffusers
-from ldm.unet import UNet, random_weights_
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import compare_diffusers  # noqa: E402
+from ldm.cli import compare_diffusers
+from ldm.formats.checkpoint import save_unet_diffusers
+from ldm.models.unet import UNet, random_weights_
 
 
 def _max_diff(out: str) -> float:
@@ -23,7 +19,9 @@ def test_single_file_and_folder(tmp_path, capsys):
     # 8 heads and 32 norm groups: what config detection assumes for a < 1024-wide context
     unet = random_weights_(UNet(tiny_sd1_config(num_heads=8, norm_groups=32)), seed=0)
     save_file({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}, tmp_path / "m.safetensors")
-    assert compare_diffusers.main(["--weights", str(tmp_path / "m.safetensors"), "--height", "64", "--width", "64"]) == 0
+    assert (
+        compare_diffusers.main(["--weights", str(tmp_path / "m.safetensors"), "--height", "64", "--width", "64"]) == 0
+    )
     out = capsys.readouterr().out
     assert _max_diff(out) <= 1e-5
 
@@ -45,7 +43,7 @@ def _stage(out: str, name: str) -> float:
 
 
 def test_pipeline_mode_folder_and_single_file(tiny_sd_folder, tmp_path, capsys):
-    from ldm.pipeline import Pipeline
+    from ldm.pipelines.pipeline import Pipeline
 
     single = Pipeline.from_pretrained(tiny_sd_folder).save_single_file(tmp_path / "tiny.safetensors")
     for weights in (tiny_sd_folder, single):
@@ -61,10 +59,18 @@ def test_pipeline_mode_on_the_demo_model(capsys):
     """The demo model: a float16 single file, v-prediction on a zero-terminal-SNR schedule with trailing
     timesteps; diffusers' DDIMScheduler with the same settings gives the same images (measured: latents
     3.1e-6 apart, 136.7 dB)."""
-    from ldm.pipeline import DEMO_MODEL
+    from ldm.pipelines.pipeline import DEMO_MODEL
 
-    argv = ["--weights", str(DEMO_MODEL), "--prompt", "a red circle to the left of a blue square", "--steps", "25",
-            "--guidance", "2.5"]
+    argv = [
+        "--weights",
+        str(DEMO_MODEL),
+        "--prompt",
+        "a red circle to the left of a blue square",
+        "--steps",
+        "25",
+        "--guidance",
+        "2.5",
+    ]
     assert compare_diffusers.main(argv) == 0
     out = capsys.readouterr().out
     for stage in ("text embeddings", "first U-Net prediction", "final latents", "images (np, [0,1])"):

@@ -7,14 +7,22 @@ import re
 
 import pytest
 import torch
+from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
-from ldm.checkpoint import diffusers_key_map, read_state_dict
-from ldm.training.lora import (add_lora, base_state_dict, load_lora, lora_modules, merge_lora,
-                               remove_lora, save_lora, set_lora_scale)
-from ldm.unet import UNet, UNetConfig, random_weights_
+from ldm.formats.checkpoint import diffusers_key_map, read_state_dict
+from ldm.models.lora import (
+    add_lora,
+    base_state_dict,
+    load_lora,
+    lora_modules,
+    merge_lora,
+    remove_lora,
+    save_lora,
+    set_lora_scale,
+)
+from ldm.models.unet import UNet, UNetConfig, random_weights_
 
 CONFIGS = pytest.mark.parametrize("make_config", [tiny_sd1_config, tiny_sd2_config], ids=["sd1", "sd2"])
 ALL_LINEAR = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -167,8 +175,9 @@ def test_add_lora_refuses_bad_requests():
 def test_saved_file_is_small_kohya_layout(tmp_path):
     config = tiny_sd1_config()
     unet = _trained(config, include_proj=True)
-    path = save_lora(unet, tmp_path / "lora.safetensors", metadata={"ss_output_name": "test", "epochs": 3},
-                     base_model_hash="ab" * 32)
+    path = save_lora(
+        unet, tmp_path / "lora.safetensors", metadata={"ss_output_name": "test", "epochs": 3}, base_model_hash="ab" * 32
+    )
     sd = read_state_dict(path)
     n = len(lora_modules(unet))
     assert len(sd) == 3 * n
@@ -215,7 +224,8 @@ def test_file_round_trip_reproduces_adapted_output(tmp_path, make_config):
     assert _max_diff(_run(fresh, inputs), _run(unet, inputs)) <= 1e-6
     assert _max_diff(_run(fresh, inputs), _run(_unet(config), inputs)) > 1e-2
     assert {id(p) for p in fresh.parameters() if p.requires_grad} == {
-        id(p) for m in lora_modules(fresh).values() for p in m.parameters() if p is not m.weight and p is not m.bias}
+        id(p) for m in lora_modules(fresh).values() for p in m.parameters() if p is not m.weight and p is not m.bias
+    }
 
     merged = _unet(config)
     load_lora(merged, path, scale=0.7, merge=True)
@@ -234,20 +244,25 @@ def _layouts(unet):
     layouts = {}
     # kohya with CompVis module names (kohya's SDXL spelling)
     sd = {}
-    for ours, theirs, m in rows:
+    for ours, _theirs, m in rows:
         k = "lora_unet_" + ours.replace(".", "_")
-        sd |= {k + ".lora_down.weight": m.lora_down.weight, k + ".lora_up.weight": m.lora_up.weight,
-               k + ".alpha": torch.tensor(m.alpha)}
+        sd |= {
+            k + ".lora_down.weight": m.lora_down.weight,
+            k + ".lora_up.weight": m.lora_up.weight,
+            k + ".alpha": torch.tensor(m.alpha),
+        }
     layouts["kohya_compvis"] = (sd, None)
     # diffusers / PEFT with the alpha in diffusers' metadata record
     sd = {}
-    for ours, theirs, m in rows:
+    for _ours, theirs, m in rows:
         sd |= {f"unet.{theirs}.lora_A.weight": m.lora_down.weight, f"unet.{theirs}.lora_B.weight": m.lora_up.weight}
     layouts["peft_metadata"] = (sd, {"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 2.0})})
     # the same without any alpha: alpha = rank, so the update scaling alpha/rank goes into B
     baked = [(ours, theirs, m.lora_down.weight, m.lora_up.weight * (m.alpha / m.rank)) for ours, theirs, m in rows]
-    layouts["peft_no_alpha"] = ({f"{t}.lora_{ab}.weight": w for _, t, a, b in baked
-                                 for ab, w in (("A", a), ("B", b))}, None)
+    layouts["peft_no_alpha"] = (
+        {f"{t}.lora_{ab}.weight": w for _, t, a, b in baked for ab, w in (("A", a), ("B", b))},
+        None,
+    )
     # old diffusers: attention processors (to_q_lora) and LoRACompatibleLinear (.lora.down)
     sd = {}
     for _, theirs, down, up in baked:
@@ -277,8 +292,12 @@ def test_text_encoder_tensors_are_skipped_with_a_warning(tmp_path):
     unet, inputs = _trained(config), _inputs(config)
     sd = read_state_dict(save_lora(unet, tmp_path / "lora.safetensors"))
     te = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    sd |= {te + ".lora_down.weight": torch.zeros(4, 768), te + ".lora_up.weight": torch.zeros(768, 4),
-           te + ".alpha": torch.tensor(4.0), "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8)}
+    sd |= {
+        te + ".lora_down.weight": torch.zeros(4, 768),
+        te + ".lora_up.weight": torch.zeros(768, 4),
+        te + ".alpha": torch.tensor(4.0),
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8),
+    }
     save_file(sd, str(tmp_path / "with_te.safetensors"))
     fresh = _unet(config)
     with pytest.warns(UserWarning, match="skipped 4 text-encoder LoRA tensors.*not supported"):
@@ -309,8 +328,12 @@ def test_bad_files_are_refused_naming_the_tensor(tmp_path):
     assert unknown in msg and "names no layer" in msg
 
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
-    msg = _bad(tmp_path, lambda sd: sd.update({conv + ".lora_down.weight": torch.zeros(4, 32, 3, 3),
-                                               conv + ".lora_up.weight": torch.zeros(32, 4, 1, 1)}))
+    msg = _bad(
+        tmp_path,
+        lambda sd: sd.update(
+            {conv + ".lora_down.weight": torch.zeros(4, 32, 3, 3), conv + ".lora_up.weight": torch.zeros(32, 4, 1, 1)}
+        ),
+    )
     assert conv + ".lora_down.weight" in msg and "LoCon" in msg and "not supported" in msg
 
     msg = _bad(tmp_path, lambda sd: sd.update({Q + ".hada_w1_a": torch.zeros(32, 4)}))

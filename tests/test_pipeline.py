@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import ldm
-from ldm.images import new_file_mode
-from ldm.pipeline import Pipeline
+from ldm.formats.atomic import new_file_mode
+from ldm.pipelines.pipeline import Pipeline
 
 TOL = 2e-3
 PROMPTS = ["a red circle at the top left", "a small blue square on a white background"]
@@ -27,8 +27,16 @@ def _diffusers(folder):
 def _theirs(pipe, prompts, negative, steps, guidance, seed, n, eta=0.0):
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts) * n)]
     neg = None if negative is None else [negative] * len(prompts)
-    return pipe(prompts, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance, eta=eta,
-                generator=gens, num_images_per_prompt=n, output_type="np").images
+    return pipe(
+        prompts,
+        negative_prompt=neg,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        eta=eta,
+        generator=gens,
+        num_images_per_prompt=n,
+        output_type="np",
+    ).images
 
 
 @pytest.mark.parametrize("folder_fixture", ["tiny_sd_folder", "tiny_sd2_folder"], ids=["sd1", "sd2_v"])
@@ -37,8 +45,16 @@ def test_images_equal_diffusers(folder_fixture, request):
     ours, theirs = Pipeline.from_pretrained(folder), _diffusers(folder)
     assert ours.schedule.prediction_type == ("v_prediction" if "sd2" in folder_fixture else "epsilon")
     for guidance, negative in [(7.5, None), (7.5, "blurry, low quality"), (1.0, None)]:
-        a = ours(PROMPTS, negative_prompt=negative, steps=6, guidance_scale=guidance, seed=11, num_images=2,
-                 output_type="np", progress=False)
+        a = ours(
+            PROMPTS,
+            negative_prompt=negative,
+            steps=6,
+            guidance_scale=guidance,
+            seed=11,
+            num_images=2,
+            output_type="np",
+            progress=False,
+        )
         b = _theirs(theirs, PROMPTS, negative, 6, guidance, 11, 2)
         assert a.shape == b.shape == (4, 64, 64, 3) and a.dtype == np.float32
         assert a.std() > 0.05  # a real image, not a flat field
@@ -126,10 +142,16 @@ def test_recommended_guidance_travels_with_the_file(tiny_sd_folder, tmp_path):
 
 def test_bad_arguments(tiny_sd_folder, tmp_path, monkeypatch):
     pipe = Pipeline.from_pretrained(tiny_sd_folder)
-    cases = [(dict(steps=0), "steps must be an integer >= 1"), (dict(guidance_scale=-1), "guidance_scale must be >= 0"),
-             (dict(height=60), "height 60 must be a positive multiple of 8"), (dict(eta=-0.1), "eta must be >= 0"),
-             (dict(num_images=0), "num_images must be >= 1"), (dict(output_type="jpg"), "output_type must be"),
-             (dict(sampler="plms"), "unknown sampler 'plms'"), (dict(negative_prompt=["a", "b"]), "2 negative prompts")]
+    cases = [
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(guidance_scale=-1), "guidance_scale must be >= 0"),
+        (dict(height=60), "height 60 must be a positive multiple of 8"),
+        (dict(eta=-0.1), "eta must be >= 0"),
+        (dict(num_images=0), "num_images must be >= 1"),
+        (dict(output_type="jpg"), "output_type must be"),
+        (dict(sampler="nope"), "unknown sampler 'nope'"),
+        (dict(negative_prompt=["a", "b"]), "2 negative prompts"),
+    ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             pipe("a circle", progress=False, **kwargs)
@@ -175,8 +197,13 @@ def test_dpmpp_2m_karras_and_euler_a_equal_diffusers(tiny_sd_folder):
     config = theirs.scheduler.config
     schedulers = {
         "dpmpp_2m_karras": DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
-            use_karras_sigmas=True),
+            config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            solver_type="midpoint",
+            lower_order_final=True,
+            use_karras_sigmas=True,
+        ),
         "euler_a": EulerAncestralDiscreteScheduler.from_config(config),
     }
     for sampler, scheduler in schedulers.items():

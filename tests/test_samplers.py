@@ -9,17 +9,28 @@ from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
-from ldm.samplers import SAMPLERS, cfg_combine, ddim_step, randn, sample_ddim
-from ldm.schedule import NoiseSchedule
+from ldm.sampling.denoiser import Denoiser, cfg_combine
+from ldm.sampling.noise import Noise, randn
+from ldm.sampling.plan import ddim_plan
+from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.schedule import NoiseSchedule
+from ldm.sampling.vp_solvers import sample_ddim
 
 SPACINGS = ["leading", "trailing", "linspace"]
 PREDICTIONS = ["epsilon", "v_prediction"]
 
 # SD 1.5's scheduler_config.json (a PNDMScheduler config, as shipped) and SD 2.1's (768-v).
 SD15_CONFIG = {
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
     "clip_sample": False,
 }
 SD21_CONFIG = {**SD15_CONFIG, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
@@ -29,10 +40,15 @@ def pair(**kw):
     """Our schedule and a diffusers DDIMScheduler with the same (SD) configuration."""
     ours = NoiseSchedule(**kw)
     theirs = DDIMScheduler(
-        num_train_timesteps=ours.num_train_timesteps, beta_start=ours.beta_start, beta_end=ours.beta_end,
-        beta_schedule=ours.beta_schedule, prediction_type=ours.prediction_type,
-        timestep_spacing=ours.timestep_spacing, steps_offset=ours.steps_offset,
-        set_alpha_to_one=ours.set_alpha_to_one, clip_sample=ours.clip_sample,
+        num_train_timesteps=ours.num_train_timesteps,
+        beta_start=ours.beta_start,
+        beta_end=ours.beta_end,
+        beta_schedule=ours.beta_schedule,
+        prediction_type=ours.prediction_type,
+        timestep_spacing=ours.timestep_spacing,
+        steps_offset=ours.steps_offset,
+        set_alpha_to_one=ours.set_alpha_to_one,
+        clip_sample=ours.clip_sample,
         rescale_betas_zero_snr=ours.rescale_betas_zero_snr,
     )
     return ours, theirs
@@ -50,6 +66,33 @@ def fake_denoiser(channels=4):
 
 def maxdiff(a, b):
     return (a.double() - b.double()).abs().max().item()
+
+
+def model_of(denoise, seen=None):
+    """A Denoiser's model(x, t, context) from a denoise(x, t) stand-in, recording the timesteps it is given."""
+
+    def model(x, t, context):
+        if seen is not None:
+            seen.append(int(t))
+        return denoise(x, t)
+
+    return model
+
+
+def ddim_one_step(schedule, model_output, steps, k, x, eta=0.0, generator=None):
+    """Step k of an n-step DDIM run, alone (the 1-step plan slice plan[k:k+1]) -> (x_prev, predicted x_0)."""
+    plan = ddim_plan(schedule, steps)[k : k + 1]
+    seen = []
+    out = sample_ddim(
+        Denoiser(lambda x, t, c: model_output, schedule.prediction_type),
+        x,
+        plan,
+        noise=Noise(generator),
+        eta=eta,
+        callback=seen.append,
+        progress=False,
+    )
+    return out, seen[0]["denoised"]
 
 
 # ---- schedule -------------------------------------------------------------------------------------
@@ -70,8 +113,9 @@ def test_tables_equal_diffusers(beta_schedule, set_alpha_to_one, zero_snr):
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_sigmas_equal_diffusers_euler(zero_snr):
     ours = NoiseSchedule(rescale_betas_zero_snr=zero_snr)
-    euler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            rescale_betas_zero_snr=zero_snr)
+    euler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=zero_snr
+    )
     # Euler keeps sigmas descending with a final 0 appended
     assert torch.equal(ours.sigmas(), euler.sigmas[:-1].flip(0))
     assert torch.isfinite(ours.sigmas()).all()
@@ -109,16 +153,30 @@ def test_timesteps_bad_spacing_and_overflow():
         NoiseSchedule(steps_offset=1).timesteps(1000, "leading")
 
 
-@pytest.mark.parametrize("kw", [dict(prediction_type="x0"), dict(timestep_spacing="even"),
-                                dict(beta_schedule="squaredcos_cap_v2"), dict(num_train_timesteps=0),
-                                dict(trained_betas=(0.1, 0.2))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(prediction_type="x0"),
+        dict(timestep_spacing="even"),
+        dict(beta_schedule="squaredcos_cap_v2"),
+        dict(num_train_timesteps=0),
+        dict(trained_betas=(0.1, 0.2)),
+    ],
+)
 def test_bad_schedule(kw):
     with pytest.raises(ValueError):
         NoiseSchedule(**kw)
 
 
-@pytest.mark.parametrize("config", [SD15_CONFIG, SD21_CONFIG, {}, {"timestep_spacing": "trailing", "clip_sample": True,
-                                                                  "rescale_betas_zero_snr": True}])
+@pytest.mark.parametrize(
+    "config",
+    [
+        SD15_CONFIG,
+        SD21_CONFIG,
+        {},
+        {"timestep_spacing": "trailing", "clip_sample": True, "rescale_betas_zero_snr": True},
+    ],
+)
 def test_from_diffusers_config(config):
     ours = NoiseSchedule.from_diffusers_config(config)
     theirs = DDIMScheduler.from_config(config)
@@ -133,7 +191,8 @@ def test_from_diffusers_config(config):
     x, out = torch.randn(2, 4, 8, 8, generator=g) * 3, torch.randn(2, 4, 8, 8, generator=g)
     t = theirs.timesteps[3]
     ref = theirs.step(out, t, x, eta=0.0).prev_sample
-    got, _ = ddim_step(ours, out, t, t - 1000 // 30, x)
+    assert ddim_plan(ours, 30).timesteps[3] == t
+    got, _ = ddim_one_step(ours, out, 30, 3, x)  # from t to t - 1000 // 30
     assert maxdiff(got, ref) <= 1e-6
 
 
@@ -182,9 +241,10 @@ def test_ddim_single_step_equals_diffusers(prediction_type, eta, set_alpha_to_on
     theirs.set_timesteps(20)
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    for t in [theirs.timesteps[0], theirs.timesteps[7], theirs.timesteps[-1]]:  # first, middle, last (t_prev < 0)
+    for k in [0, 7, 19]:  # first, middle, last (t_prev < 0)
+        t = theirs.timesteps[k]
         ref = theirs.step(out, t, x, eta=eta, generator=torch.Generator().manual_seed(5))
-        got, x0 = ddim_step(ours, out, t, t - 50, x, eta, torch.Generator().manual_seed(5))
+        got, x0 = ddim_one_step(ours, out, 20, k, x, eta, torch.Generator().manual_seed(5))
         assert maxdiff(got, ref.prev_sample) <= 1e-6
         assert maxdiff(x0, ref.pred_original_sample) <= 1e-6
 
@@ -207,8 +267,14 @@ def test_ddim_trajectory_equals_diffusers(spacing, prediction_type, eta, steps):
     ref, ref_state = x, g.get_state()
 
     seen = []
-    got = sample_ddim(lambda x, t: (seen.append(int(t)), denoise(x, t))[1], x_T, ours, ours.timesteps(steps),
-                      eta=eta, generator=(g := torch.Generator().manual_seed(42)), progress=False)
+    got = sample_ddim(
+        Denoiser(model_of(denoise, seen), prediction_type),
+        x_T,
+        ddim_plan(ours, steps),
+        noise=Noise(g := torch.Generator().manual_seed(42)),
+        eta=eta,
+        progress=False,
+    )
     assert seen == ref_ts
     assert maxdiff(got, ref) <= 1e-6
     assert torch.equal(g.get_state(), ref_state)  # same number of draws from the generator
@@ -230,11 +296,18 @@ def test_ddim_generator_list_equals_diffusers():
     for t in theirs.timesteps:
         x = theirs.step(denoise(x, t), t, x, eta=1.0, generator=gens).prev_sample
     gens = [torch.Generator().manual_seed(s) for s in (10, 11)]
-    got = sample_ddim(denoise, x_T, ours, ours.timesteps(10), eta=1.0, generator=gens, progress=False)
+    plan = ddim_plan(ours, 10)
+    got = sample_ddim(Denoiser(model_of(denoise)), x_T, plan, noise=Noise(gens), eta=1.0, progress=False)
     assert maxdiff(got, x) <= 1e-6
     # sample 1 alone, with its own seeds, gives the same image
-    alone = sample_ddim(denoise, x_T[1:], ours, ours.timesteps(10), eta=1.0,
-                        generator=[torch.Generator().manual_seed(11)], progress=False)
+    alone = sample_ddim(
+        Denoiser(model_of(denoise)),
+        x_T[1:],
+        plan,
+        noise=Noise([torch.Generator().manual_seed(11)]),
+        eta=1.0,
+        progress=False,
+    )
     assert maxdiff(alone, got[1:]) <= 1e-6
 
 
@@ -242,14 +315,19 @@ def test_sample_ddim_callback_and_registry():
     s = NoiseSchedule()
     calls = []
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = SAMPLERS["ddim"](fake_denoiser(), x, s, s.timesteps(5), callback=calls.append, progress=False)
+    info = SAMPLERS["ddim"]
+    plan = info.make_plan(s, 5)
+    denoiser = Denoiser(model_of(fake_denoiser()))
+    out = info.fn(denoiser, x, plan, callback=calls.append, progress=False)
     assert [c["i"] for c in calls] == [0, 1, 2, 3, 4]
     assert [int(c["t"]) for c in calls] == [801, 601, 401, 201, 1]
     assert calls[0]["x"] is x and out.shape == x.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="eta"):
-        ddim_step(s, x, 1, -1, x, eta=-0.1)
-    with pytest.raises(ValueError, match="empty"):
-        sample_ddim(fake_denoiser(), x, s, torch.tensor([], dtype=torch.int64), progress=False)
+        sample_ddim(denoiser, x, plan[4:], eta=-0.1, progress=False)
+    # no steps: the plan rule refuses 0 steps; an empty tail (img2img at strength 0) leaves x as it is
+    with pytest.raises(ValueError, match="num_steps"):
+        info.make_plan(s, 0)
+    assert torch.equal(sample_ddim(denoiser, x, plan[5:], progress=False), x)
 
 
 # ---- classifier-free guidance ---------------------------------------------------------------------

@@ -1,28 +1,42 @@
-"""ldm.shapes: the procedural shapes dataset, its pixel analyzer, the evaluation, scripts/eval_shapes.py."""
+"""ldm.demo.shapes: the procedural shapes dataset, its pixel analyzer, the evaluation, scripts/eval_shapes.py."""
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ldm import shapes
-from ldm.shapes import (BACKGROUNDS, COLORS, HELD_OUT, POSITIONS, RELATIONS, SHAPES, SIZES, ShapesDataset, analyze,
-                        eval_prompts, evaluate, label_components, parse_caption, render, sample_scene,
-                        scene_from_caption, score)
+from ldm.cli import eval_shapes
+from ldm.demo import shapes
+from ldm.demo.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    HELD_OUT,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    ShapesDataset,
+    analyze,
+    eval_prompts,
+    evaluate,
+    label_components,
+    parse_caption,
+    render,
+    sample_scene,
+    scene_from_caption,
+    score,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import eval_shapes  # noqa: E402
-
-# The grammar, written out independently of ldm.shapes.
+# The grammar, written out independently of ldm.demo.shapes.
 _COLOR = "(red|green|blue|yellow|purple|orange)"
 _SHAPE = "(circle|square|triangle)"
 _BG = "(?: on a (white|black|gray) background)?"
-ONE = re.compile(rf"a (?:(small|large) )?{_COLOR} {_SHAPE}"
-                 r"(?: (at the top left|at the top right|at the bottom left|at the bottom right|in the center))?" + _BG)
+ONE = re.compile(
+    rf"a (?:(small|large) )?{_COLOR} {_SHAPE}"
+    r"(?: (at the top left|at the top right|at the bottom left|at the bottom right|in the center))?" + _BG
+)
 TWO = re.compile(rf"a {_COLOR} {_SHAPE} (to the left of|to the right of|above|below) a {_COLOR} {_SHAPE}" + _BG)
 
 
@@ -37,8 +51,8 @@ def _perturb(image, rng, sigma=1.0, noise=8.0):
     k /= k.sum()
     h, w = image.shape[:2]
     p = np.pad(image.astype(float), ((r, r), (r, r), (0, 0)), mode="edge")
-    p = sum(k[i] * p[i:i + h] for i in range(2 * r + 1))
-    p = sum(k[i] * p[:, i:i + w] for i in range(2 * r + 1))
+    p = sum(k[i] * p[i : i + h] for i in range(2 * r + 1))
+    p = sum(k[i] * p[:, i : i + w] for i in range(2 * r + 1))
     return np.clip(np.round(p + rng.normal(0, noise, p.shape)), 0, 255).astype(np.uint8)
 
 
@@ -91,13 +105,13 @@ def test_triangle_upright_base_at_bottom():
     for size in SIZES:
         scene = shapes.single_scene("triangle", "blue", size, "center", "black")
         mask = np.all(render(scene) == COLORS["blue"], axis=2)
-        rows = mask[mask.any(axis=1)][:, mask.any(axis=0)]           # the box
+        rows = mask[mask.any(axis=1)][:, mask.any(axis=0)]  # the box
         widths = rows.sum(axis=1)
         side = shapes.size_px(size)
-        assert rows.shape == (side, side)                             # width == height of the box
-        assert widths[0] <= 2 and widths[-1] == side                  # apex on top, full base at the bottom
+        assert rows.shape == (side, side)  # width == height of the box
+        assert widths[0] <= 2 and widths[-1] == side  # apex on top, full base at the bottom
         assert np.all(np.diff(widths) >= 0) and np.all(np.diff(widths[::2]) > 0)  # wider going down
-        assert np.array_equal(rows, rows[:, ::-1])                    # isosceles: mirror-symmetric
+        assert np.array_equal(rows, rows[:, ::-1])  # isosceles: mirror-symmetric
 
 
 def test_held_out_pairs_never_in_training():
@@ -143,17 +157,17 @@ def test_captions_follow_grammar_and_state_the_truth():
             assert a.color != b.color and a.size == b.size == "small"
         stated_sets.add(scene.stated)
     assert 0.25 < n_two / len(scenes) < 0.35
-    assert len(stated_sets) == 8                                      # every subset of the optional parts occurs
+    assert len(stated_sets) == 8  # every subset of the optional parts occurs
     assert drawn_when_dropped == {"size": set(SIZES), "position": set(POSITIONS), "background": set(BACKGROUNDS)}
 
 
 def test_two_object_placement():
     for scene in _scenes(400, seed=7, p_two=1.0):
         a, b = (o.box() for o in scene.objects)
-        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]       # boxes do not overlap
+        assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]  # boxes do not overlap
         (ax, ay), (bx, by) = (o.center for o in scene.objects)
         horizontal = scene.relation in ("to the left of", "to the right of")
-        assert (ay == by) if horizontal else (ax == bx)                          # same row / same column
+        assert (ay == by) if horizontal else (ax == bx)  # same row / same column
         sign = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}
         assert sign[scene.relation] >= 1.5 * 13
 
@@ -178,8 +192,8 @@ def test_parse_caption_round_trip_and_errors():
 
 def test_label_components():
     mask = np.zeros((9, 9), bool)
-    mask[1:8, 1] = mask[7, 1:6] = mask[1:8, 5] = True   # a U: the two arms meet only at the bottom
-    mask[1, 7] = mask[2, 8] = True                      # diagonal neighbours: two components under 4-connectivity
+    mask[1:8, 1] = mask[7, 1:6] = mask[1:8, 5] = True  # a U: the two arms meet only at the bottom
+    mask[1, 7] = mask[2, 8] = True  # diagonal neighbours: two components under 4-connectivity
     labels, k = label_components(mask)
     assert k == 3 and (labels > 0).sum() == mask.sum()
     u = labels[:, :6]
@@ -244,8 +258,9 @@ def test_eval_prompts_fixed_complete_and_covering():
     assert not {(s.objects[0].color, s.objects[0].shape) for s in single} & HELD_OUT
     held = [parse_caption(p.prompt) for p in prompts if p.kind == "heldout"]
     assert {(s.objects[0].color, s.objects[0].shape) for s in held} == HELD_OUT
-    assert all(ONE.fullmatch(p.prompt) and None not in ONE.fullmatch(p.prompt).groups()
-               for p in prompts if p.kind != "two")
+    assert all(
+        ONE.fullmatch(p.prompt) and None not in ONE.fullmatch(p.prompt).groups() for p in prompts if p.kind != "two"
+    )
     two = [parse_caption(p.prompt) for p in prompts if p.kind == "two"]
     assert {s.relation for s in two} == set(RELATIONS) and all(s.background for s in two)
     assert all({(o.color, o.shape) for o in s.objects}.isdisjoint(HELD_OUT) for s in two)
@@ -258,8 +273,9 @@ class FakePipe:
         self.blank, self.ignore_order, self.calls = blank, ignore_order, []
         self.default_guidance = 4.0  # a model's recommended guidance, used when none is given
 
-    def __call__(self, prompt, steps=25, guidance_scale=7.5, seed=0, num_images=1, output_type="pil", progress=True,
-                 **kw):
+    def __call__(
+        self, prompt, steps=25, guidance_scale=7.5, seed=0, num_images=1, output_type="pil", progress=True, **kw
+    ):
         self.calls.append((list(prompt), steps, guidance_scale, seed))
         assert output_type == "np" and num_images == 1
         out = np.zeros((len(prompt), 64, 64, 3), np.float32)
@@ -299,12 +315,16 @@ def test_relation_swap_tells_words_from_noise():
         assert counts == {"flipped": 0, "kept": 0, "missing": 0, expected: 10}, counts
         two = [it for it in result["items"] if it["kind"] == "two"]
         assert [c[0][0] for c in pipe.calls] == [
-            it["prompt"].replace(r, shapes.REVERSED[r]) for it in two for r in RELATIONS if r in it["prompt"]]
+            it["prompt"].replace(r, shapes.REVERSED[r]) for it in two for r in RELATIONS if r in it["prompt"]
+        ]
         assert [c[1:] for c in pipe.calls] == [(3, 2.0, it["seed"]) for it in two]  # the same seeds
         result["relation_swap"] = counts
         assert f"the layout flips in {counts['flipped']} of 10 two-object prompts" in shapes.format_report(result)
     assert shapes.relation_swap(FakePipe(blank=True), evaluate(FakePipe(blank=True), n=8, keep_images=True)) == {
-        "flipped": 0, "kept": 0, "missing": 2}
+        "flipped": 0,
+        "kept": 0,
+        "missing": 2,
+    }
     with pytest.raises(ValueError, match="keep_images=True"):
         shapes.relation_swap(FakePipe(), evaluate(FakePipe(), n=8))
 
@@ -315,14 +335,13 @@ def test_script(tmp_path, monkeypatch, capsys):
     assert eval_shapes.main(["--n", "0"]) == 2
     assert eval_shapes.main(["--guidance", "inf"]) == 2 and "finite" in capsys.readouterr().err
 
-    from ldm import pipeline
+    from ldm.pipelines import pipeline
 
     pipe = FakePipe()
     pipe.model_path, pipe.model_name = None, "fake"
     monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", classmethod(lambda cls, *a, **kw: pipe))
     out = tmp_path / "eval"
-    argv = ["--n", "24", "--batch-size", "8", "--out", str(out), "--json", str(tmp_path / "r.json"),
-            "--relation-swap"]
+    argv = ["--n", "24", "--batch-size", "8", "--out", str(out), "--json", str(tmp_path / "r.json"), "--relation-swap"]
     assert eval_shapes.main(argv) == 0
     printed = capsys.readouterr().out
     assert "two objects" in printed and "100.0%" in printed and "the layout flips in 6 of 6" in printed
@@ -334,14 +353,17 @@ def test_script(tmp_path, monkeypatch, capsys):
     assert data["settings"]["guidance"] == 4.0 and {c[2] for c in pipe.calls} == {4.0}  # the model's default
     assert (out / "contact_sheet.png").is_file() and (out / "results.json").is_file()
 
-    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained",
-                        classmethod(lambda cls, *a, **kw: (_ for _ in ()).throw(FileNotFoundError("no demo model"))))
+    monkeypatch.setattr(
+        pipeline.Pipeline,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **kw: (_ for _ in ()).throw(FileNotFoundError("no demo model"))),
+    )
     assert eval_shapes.main([]) == 2
     assert "no demo model" in capsys.readouterr().err
 
 
 def test_evaluate_runs_a_real_pipeline(tiny_sd_folder):
-    from ldm.pipeline import Pipeline
+    from ldm.pipelines.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(tiny_sd_folder, device="cpu")
     result = evaluate(pipe, n=8, steps=2, guidance=5.0, batch_size=3)
@@ -353,7 +375,7 @@ def test_evaluate_runs_a_real_pipeline(tiny_sd_folder):
 def test_caption_dropout_empties_captions_and_keeps_scenes():
     """Caption dropout reaches the procedural data (the unconditional half of guidance): about the asked
     share of captions are empty, decided per item, and the images are those of the undropped dataset."""
-    from ldm.shapes import ShapesDataset
+    from ldm.demo.shapes import ShapesDataset
 
     plain, dropped = ShapesDataset(seed=3), ShapesDataset(seed=3, caption_dropout=0.2)
     items = [dropped[i] for i in range(300)]

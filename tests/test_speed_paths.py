@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
-from ldm.pipeline import Pipeline, prepare_for_inference
-from ldm.unet import GroupNorm32, UNet, random_weights_
+
+from ldm.models.unet import GroupNorm32, UNet, kv_cache_active, random_weights_
+from ldm.pipelines.pipeline import Pipeline, prepare_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_channels_last_and_cached_context_match_plain_and_diffusers(make_config)
         other = torch.randn_like(context)
         # another context inside the block is not served the cached keys/values
         torch.testing.assert_close(fast(x, t, other), plain(x, t, other), rtol=0, atol=1e-5)
-    assert all(m.cached_kv is None for m in fast.modules() if hasattr(m, "cached_kv")), "cache left behind"
+    assert not kv_cache_active(), "cache left behind"
     torch.testing.assert_close(cached, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(cached, theirs(x, t, encoder_hidden_states=context).sample, rtol=0, atol=1e-5)
 
@@ -61,7 +61,7 @@ def test_cached_context_is_exact_and_cleared_on_error():
     with pytest.raises(RuntimeError):
         with unet.cached_context(context):
             raise RuntimeError("boom")
-    assert all(m.cached_kv is None for m in unet.modules() if hasattr(m, "cached_kv"))
+    assert not kv_cache_active()
 
 
 def test_bf16_group_norm_runs_natively_and_matches_the_float32_upcast():
@@ -69,8 +69,9 @@ def test_bf16_group_norm_runs_natively_and_matches_the_float32_upcast():
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     x = torch.randn(2, 16, 8, 8) * 3 + 1
     native = norm.to(torch.bfloat16)(x.to(torch.bfloat16))
-    upcast = torch.nn.functional.group_norm(x.to(torch.bfloat16).float(), 4, norm.weight.float(), norm.bias.float(),
-                                            norm.eps).to(torch.bfloat16)
+    upcast = torch.nn.functional.group_norm(
+        x.to(torch.bfloat16).float(), 4, norm.weight.float(), norm.bias.float(), norm.eps
+    ).to(torch.bfloat16)
     assert native.dtype == torch.bfloat16
     torch.testing.assert_close(native.float(), upcast.float(), rtol=0, atol=0.05)  # ~2 bf16 ulps at |y| <= 4
 
@@ -121,6 +122,7 @@ def test_pipeline_bf16_image_close_to_fp32(tiny_sd_folder):
     assert np.isfinite(b).all() and psnr >= 30, psnr
 
 
+@pytest.mark.slow
 def test_compiled_pipeline_matches_eager(tiny_sd_folder, monkeypatch):
     """Pipeline.compile (torch.compile, inductor): same images within float rounding; a clear error
     instead when the machine has no C++ compiler for inductor."""
@@ -137,17 +139,45 @@ def test_compiled_pipeline_matches_eager(tiny_sd_folder, monkeypatch):
         return  # the refusal above is this machine's behavior; nothing to compile with
     compiled.compile()
     a = eager(["a red circle", "a blue square"], steps=3, guidance_scale=5, seed=2, output_type="np", progress=False)
-    b = compiled(["a red circle", "a blue square"], steps=3, guidance_scale=5, seed=2, output_type="np",
-                 progress=False)
+    b = compiled(["a red circle", "a blue square"], steps=3, guidance_scale=5, seed=2, output_type="np", progress=False)
     assert compiled.compiled and np.abs(a - b).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_on_a_small_folder(tiny_sd_folder, tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--weights", str(tiny_sd_folder), "--sizes", "64",
-         "--dtypes", "fp32", "bf16", "--repeats", "1", "--warmup", "0", "--steps", "2", "--e2e-size", "64",
-         "--memory-size", "128", "--profile-size", "64", "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark.py"),
+            "--weights",
+            str(tiny_sd_folder),
+            "--sizes",
+            "64",
+            "--dtypes",
+            "fp32",
+            "bf16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--steps",
+            "2",
+            "--e2e-size",
+            "64",
+            "--memory-size",
+            "128",
+            "--profile-size",
+            "64",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
     assert [(u["size"], u["dtype"]) for u in r["unet"]] == [(64, "fp32"), (64, "bf16")]
@@ -155,18 +185,31 @@ def test_benchmark_script_runs_on_a_small_folder(tiny_sd_folder, tmp_path):
     assert r["e2e"]["image_max_abs_ldm_vs_diffusers"] < 2e-3
     assert r["e2e"]["ldm_fp32"]["run_peak_gib"] > 0 and r["e2e"]["diffusers_fp32"]["run_peak_gib"] > 0
     assert {p["part"] for p in r["parts"]} == {"vae decode 512px", "text encode (prompt + empty negative)"}
-    assert [m["job"] for m in r["memory"]] == ["vae-full", "vae-tiled", "unet-ldm", "unet-diffusers",
-                                         "attn-full", "attn-sliced"]
+    assert [m["job"] for m in r["memory"]] == [
+        "vae-full",
+        "vae-tiled",
+        "unet-ldm",
+        "unet-diffusers",
+        "attn-full",
+        "attn-sliced",
+    ]
     assert all(m["peak_gib"] > 0 and m["finite"] for m in r["memory"])
     peak = {m["job"]: m["peak_gib"] for m in r["memory"]}
     assert peak["attn-sliced"] < peak["attn-full"] / 2  # 4x fewer queries at a time, 4x smaller score matrix
-    assert [(q["library"], q["dtype"]) for q in r["profile"]] == [("ldm", "fp32"), ("diffusers", "fp32"),
-                                                                   ("ldm", "bf16"), ("diffusers", "bf16")]
+    assert [(q["library"], q["dtype"]) for q in r["profile"]] == [
+        ("ldm", "fp32"),
+        ("diffusers", "fp32"),
+        ("ldm", "bf16"),
+        ("diffusers", "bf16"),
+    ]
     assert r["profile"][0]["self_s_by_op"]["convolution"] > 0
     assert "| 64 | fp32 |" in done.stdout
 
 
 def test_benchmark_refuses_a_non_folder(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--weights", str(tmp_path / "x")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--weights", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "not a diffusers folder" in done.stderr

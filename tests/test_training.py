@@ -1,6 +1,7 @@
 """Training: overfit, LoRA, kill-and-resume, corrupted data, 2 processes under accelerate, bad input."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -9,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from safetensors.torch import load_file
 
-from conftest import make_image_folder
-from ldm.pipeline import Pipeline
+from ldm.pipelines.pipeline import Pipeline
 from ldm.training.loop import TrainConfig, Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +25,45 @@ def _losses(run: Path) -> list[float]:
 
 
 def _cfg(tmp_path, base, data, **kw):
-    base_kw = dict(data=str(data), output_dir=str(tmp_path / "run"), mode="full", base=str(base), resolution=64,
-                   batch_size=4, max_steps=4, lr=1e-3, save_every=100)
+    base_kw = dict(
+        data=str(data),
+        output_dir=str(tmp_path / "run"),
+        mode="full",
+        base=str(base),
+        resolution=64,
+        batch_size=4,
+        max_steps=4,
+        lr=1e-3,
+        save_every=100,
+    )
     return TrainConfig(**{**base_kw, **kw})
 
 
+def _scratch_configs(tmp_path, text_layers: int) -> tuple[str, dict]:
+    """A tiny U-Net config as a JSON file (context 32 wide) and a text encoder config of that width."""
+    unet_json = tmp_path / "unet.json"
+    unet = dict(
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_levels=[1],
+        num_heads=4,
+        context_dim=32,
+        norm_groups=8,
+    )
+    unet_json.write_text(json.dumps(unet))
+    text = dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+    )
+    return str(unet_json), text
+
+
+@pytest.mark.slow
 def test_overfit_eight_images(tmp_path, tiny_train_base):
     """A tiny model fine-tuned on 8 captioned images: loss down >= 10x, and sampling a caption gives
     back its own training image (closest of the 8 for every caption).
@@ -36,8 +71,16 @@ def test_overfit_eight_images(tmp_path, tiny_train_base):
     Measured: loss 1.15 -> 0.09 (12.6x); sampled latent RMS distance to its own image 0.22 vs 1.26
     to the others; mean abs pixel difference to the VAE reconstruction of the image 0.06 (in [0, 1])."""
     data = make_image_folder(tmp_path / "data")
-    cfg = _cfg(tmp_path, tiny_train_base, data, batch_size=8, max_steps=500, lr=2e-3, cache=True,
-               prediction_type="v_prediction")
+    cfg = _cfg(
+        tmp_path,
+        tiny_train_base,
+        data,
+        batch_size=8,
+        max_steps=500,
+        lr=2e-3,
+        cache=True,
+        prediction_type="v_prediction",
+    )
     trainer = Trainer(cfg)
     trainer.train()
     losses = _losses(tmp_path / "run")
@@ -56,7 +99,7 @@ def test_overfit_eight_images(tmp_path, tiny_train_base):
 
 
 def test_lora_training_keeps_base_and_loads_back(tmp_path, tiny_train_base):
-    from ldm.training.lora import base_state_dict, load_lora
+    from ldm.models.lora import base_state_dict, load_lora
 
     data = make_image_folder(tmp_path / "data")
     before = Pipeline.from_pretrained(tiny_train_base).unet.state_dict()
@@ -85,10 +128,21 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_train_base):
     data = make_image_folder(tmp_path / "data")
-    common = dict(max_steps=7, save_every=2, grad_accum=2, ema_decay=0.9, lr_scheduler="cosine", warmup_steps=2,
-                  random_flip=True, caption_dropout=0.2, snr_gamma=5.0, offset_noise=0.05)
+    common = dict(
+        max_steps=7,
+        save_every=2,
+        grad_accum=2,
+        ema_decay=0.9,
+        lr_scheduler="cosine",
+        warmup_steps=2,
+        random_flip=True,
+        caption_dropout=0.2,
+        snr_gamma=5.0,
+        offset_noise=0.05,
+    )
     full = train(_cfg(tmp_path / "a", tiny_train_base, data, **common))
 
     def kill_at_5(step):
@@ -130,22 +184,63 @@ def test_corrupted_images_are_skipped_and_counted(tmp_path, tiny_train_base, cap
     assert result["step"] == 3
 
 
+@pytest.mark.slow
 def test_two_processes_follow_one(tmp_path, tiny_train_base):
     """accelerate launch with 2 CPU processes (DDP over gloo), same global batch: the loss curve of
     one process within 1e-5 relative (measured ~1e-6), weights within 1e-3 after 5 steps of lr 1e-3
     (Adam normalizes tiny gradient differences; measured 1.7e-4)."""
     data = make_image_folder(tmp_path / "data")
-    args = ["--data", str(data), "--base", str(tiny_train_base), "--mode", "full", "--resolution", "64",
-            "--batch-size", "4", "--max-steps", "5", "--lr", "1e-3", "--save-every", "100"]
+    args = [
+        "--data",
+        str(data),
+        "--base",
+        str(tiny_train_base),
+        "--mode",
+        "full",
+        "--resolution",
+        "64",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "5",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "100",
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args, "--output-dir",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *args, "--output-dir", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     accelerate = Path(sys.executable).with_name("accelerate")
-    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "train.py"),
-                          *args, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=300)
+    two = subprocess.run(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "scripts" / "train.py"),
+            *args,
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     assert "processes: 2" in two.stdout and "processes: 1" in one.stdout
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
@@ -154,8 +249,7 @@ def test_two_processes_follow_one(tmp_path, tiny_train_base):
 
 
 def _cli(argv, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train as train_script
+    from ldm.cli import train as train_script
 
     code = train_script.main(argv)
     return code, capsys.readouterr().err
@@ -182,12 +276,18 @@ def test_cli_bad_input(tmp_path, tiny_train_base, capsys, case):
         base = str(tmp_path / "broken.safetensors")
         Path(base).write_bytes(b"not a checkpoint at all" * 10)
     out = tmp_path / "out"
-    code, err = _cli(["--data", str(data), "--base", base, "--resolution", resolution, "--max-steps", "2",
-                      "--output-dir", str(out)], capsys)
+    code, err = _cli(
+        ["--data", str(data), "--base", base, "--resolution", resolution, "--max-steps", "2", "--output-dir", str(out)],
+        capsys,
+    )
     assert code == 2
-    expected = {"no_images": "no images", "no_captions": "caption", "orphan_caption": "ghost.txt",
-                "resolution": "resolution 60 must be a positive multiple of 8",
-                "bad_base": "broken.safetensors: not a readable safetensors file"}[case]
+    expected = {
+        "no_images": "no images",
+        "no_captions": "caption",
+        "orphan_caption": "ghost.txt",
+        "resolution": "resolution 60 must be a positive multiple of 8",
+        "bad_base": "broken.safetensors: not a readable safetensors file",
+    }[case]
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0], err
     assert not out.exists()  # nothing written
@@ -196,16 +296,15 @@ def test_cli_bad_input(tmp_path, tiny_train_base, capsys, case):
 def test_txt2img_applies_a_trained_lora(tmp_path, tiny_train_base, capsys):
     from PIL import Image
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import txt2img
+    from ldm.cli import txt2img
 
     data = make_image_folder(tmp_path / "data")
     lora = train(_cfg(tmp_path, tiny_train_base, data, mode="lora", max_steps=3, lr=1e-2))["lora"]
     args = ["--weights", str(tiny_train_base), "--prompt", "a red block", "--steps", "3", "--seed", "5"]
     assert txt2img.main([*args, "--out", str(tmp_path / "plain")]) == 0
     assert txt2img.main([*args, "--lora", lora, "--out", str(tmp_path / "lora")]) == 0
-    plain, = (tmp_path / "plain").glob("*.png")
-    with_lora, = (tmp_path / "lora").glob("*.png")
+    (plain,) = (tmp_path / "plain").glob("*.png")
+    (with_lora,) = (tmp_path / "lora").glob("*.png")
     assert "Lora hashes: " in Image.open(with_lora).text["parameters"]
     assert np.abs(np.asarray(Image.open(plain), float) - np.asarray(Image.open(with_lora), float)).max() > 0
     assert txt2img.main([*args, "--lora", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x")]) == 2
@@ -213,7 +312,6 @@ def test_txt2img_applies_a_trained_lora(tmp_path, tiny_train_base, capsys):
 
 
 def test_checkpoint_holds_rng_and_data_position(tmp_path, tiny_train_base):
-    import json
     import random
 
     data = make_image_folder(tmp_path / "data")
@@ -235,32 +333,63 @@ def test_checkpoint_holds_rng_and_data_position(tmp_path, tiny_train_base):
 
 def test_bf16_and_gradient_checkpointing_run(tmp_path, tiny_train_base):
     data = make_image_folder(tmp_path / "data")
-    result = train(_cfg(tmp_path, tiny_train_base, data, max_steps=2, mixed_precision="bf16",
-                        gradient_checkpointing=True, grad_accum=2))
+    result = train(
+        _cfg(
+            tmp_path,
+            tiny_train_base,
+            data,
+            max_steps=2,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            grad_accum=2,
+        )
+    )
     assert result["step"] == 2 and all(np.isfinite(_losses(tmp_path / "run")))
 
 
 def test_from_scratch_vae_then_unet_and_text_encoder(tmp_path):
     """mode vae trains an AutoencoderKL from a config; mode scratch trains a U-Net and a text encoder
     on it; the result loads as a single file and as a diffusers folder."""
-    import json
-
     data = make_image_folder(tmp_path / "data", n=8)
-    vae_cfg = {"block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-               "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1, "norm_num_groups": 8,
-               "latent_channels": 4, "sample_size": 64}
-    vae_run = train(TrainConfig(data=str(data), output_dir=str(tmp_path / "vae"), mode="vae", vae_config=vae_cfg,
-                                resolution=64, batch_size=4, max_steps=3, lr=1e-3))
+    vae_cfg = {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "latent_channels": 4,
+        "sample_size": 64,
+    }
+    vae_run = train(
+        TrainConfig(
+            data=str(data),
+            output_dir=str(tmp_path / "vae"),
+            mode="vae",
+            vae_config=vae_cfg,
+            resolution=64,
+            batch_size=4,
+            max_steps=3,
+            lr=1e-3,
+        )
+    )
     assert vae_run["scaling_factor"] > 0
-    (tmp_path / "unet.json").write_text(json.dumps(dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                                                        attention_levels=[1], num_heads=4, context_dim=32,
-                                                        norm_groups=8)))
-    text_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=77)
-    run = train(TrainConfig(data=str(data), output_dir=str(tmp_path / "scratch"), mode="scratch",
-                            vae=vae_run["vae"], unet_config=str(tmp_path / "unet.json"), text_config=text_cfg,
-                            resolution=64, batch_size=4, max_steps=3, lr=1e-3, caption_dropout=0.1,
-                            export_diffusers=True))
+    unet_json, text_cfg = _scratch_configs(tmp_path, text_layers=2)
+    run = train(
+        TrainConfig(
+            data=str(data),
+            output_dir=str(tmp_path / "scratch"),
+            mode="scratch",
+            vae=vae_run["vae"],
+            unet_config=unet_json,
+            text_config=text_cfg,
+            resolution=64,
+            batch_size=4,
+            max_steps=3,
+            lr=1e-3,
+            caption_dropout=0.1,
+            export_diffusers=True,
+        )
+    )
     single = Pipeline.from_pretrained(run["model"])
     folder = Pipeline.from_pretrained(run["diffusers"])
     assert single.vae.downsample_factor == 2 and single.default_size == (64, 64)
@@ -272,25 +401,33 @@ def test_from_scratch_vae_then_unet_and_text_encoder(tmp_path):
 def test_scratch_text_encoder_options(tmp_path):
     """--freeze-text-encoder keeps the new text encoder out of training; --text-init-std sets the
     spread of its token embeddings."""
-    import json
-
     from diffusers import AutoencoderKL
 
-    from ldm.checkpoint import save_safetensors
+    from ldm.formats.checkpoint import save_safetensors
+    from ldm.models.vae import VAE, vae_metadata, vae_to_original_state_dict
     from ldm.training.setup import build_models
-    from ldm.vae import VAE, vae_metadata, vae_to_original_state_dict
 
-    vae = VAE(AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8))
-    save_safetensors(vae_to_original_state_dict(vae, prefix=""), tmp_path / "vae.safetensors",
-                     metadata=vae_metadata(vae))
-    (tmp_path / "unet.json").write_text(json.dumps(dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                                                        attention_levels=[1], num_heads=4, context_dim=32,
-                                                        norm_groups=8)))
-    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                max_position_embeddings=77)
-    cfg = dict(data="unused", mode="scratch", vae=str(tmp_path / "vae.safetensors"),
-               unet_config=str(tmp_path / "unet.json"), text_config=text, resolution=64)
+    vae = VAE(
+        AutoencoderKL(
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
+    )
+    save_safetensors(
+        vae_to_original_state_dict(vae, prefix=""), tmp_path / "vae.safetensors", metadata=vae_metadata(vae)
+    )
+    unet_json, text = _scratch_configs(tmp_path, text_layers=1)
+    cfg = dict(
+        data="unused",
+        mode="scratch",
+        vae=str(tmp_path / "vae.safetensors"),
+        unet_config=unet_json,
+        text_config=text,
+        resolution=64,
+    )
     frozen = build_models(TrainConfig(**cfg, freeze_text_encoder=True, text_init_std=1.0))
     assert not any(k.startswith("text_encoder.") for k in frozen.trainable_named_parameters())
     std = frozen.text_encoder.get_input_embeddings().weight.std().item()
@@ -300,18 +437,52 @@ def test_scratch_text_encoder_options(tmp_path):
     assert joint.text_encoder.get_input_embeddings().weight.std().item() < 0.05
 
 
+def test_models_take_their_validation_inputs_from_the_data(tmp_path, tiny_train_base):
+    """build_models(c, dataset) gives each mode its validation inputs (and the VAE its data) at
+    construction; without a dataset a U-Net mode validates on --validation-prompts only."""
+    from ldm.training import setup
+
+    data = make_image_folder(tmp_path / "data", n=6)
+    c = _cfg(tmp_path, tiny_train_base, data)
+    dataset = setup.load_dataset(c, main=False)
+    assert setup.build_models(c, dataset).validation_prompts == dataset.captions[:4]
+    assert setup.build_models(c).validation_prompts == []
+    assert setup.validation_prompts(_cfg(tmp_path, tiny_train_base, data, validation_prompts=["x"]), dataset) == ["x"]
+    vae_cfg = dict(
+        data=str(data),
+        mode="vae",
+        vae_config={"block_out_channels": [8], "norm_num_groups": 8, "latent_channels": 4},
+        resolution=64,
+    )
+    vae = setup.build_models(TrainConfig(**vae_cfg), dataset)
+    assert vae.dataset is dataset and torch.equal(vae.validation_images[1], dataset[1]["pixels"])
+    with pytest.raises(ValueError, match="build it with a dataset"):
+        setup.build_models(TrainConfig(**vae_cfg)).export(tmp_path / "out", TrainConfig(**vae_cfg))
+
+
 def test_decoder_only_vae_keeps_the_latent_space(tmp_path, tiny_train_base):
     """--decoder-only: the encoder's weights, hence every latent, and the scaling factor are exactly the
     base's; the decoder changes; a full fine-tune can then take that VAE with --vae and exports it."""
-    from ldm.checkpoint import save_safetensors
-    from ldm.vae import load_vae, vae_metadata, vae_to_original_state_dict
+    from ldm.formats.checkpoint import save_safetensors
+    from ldm.models.vae import load_vae, vae_metadata, vae_to_original_state_dict
 
     data = make_image_folder(tmp_path / "data", n=8)
     vae_file = tmp_path / "vae.safetensors"
     base = Pipeline.from_pretrained(tiny_train_base)
     save_safetensors(vae_to_original_state_dict(base.vae, prefix=""), vae_file, metadata=vae_metadata(base.vae))
-    run = train(TrainConfig(data=str(data), output_dir=str(tmp_path / "dec"), mode="vae", base=str(vae_file),
-                            decoder_only=True, resolution=64, batch_size=4, max_steps=3, lr=1e-3))
+    run = train(
+        TrainConfig(
+            data=str(data),
+            output_dir=str(tmp_path / "dec"),
+            mode="vae",
+            base=str(vae_file),
+            decoder_only=True,
+            resolution=64,
+            batch_size=4,
+            max_steps=3,
+            lr=1e-3,
+        )
+    )
     new = load_vae(run["vae"])
     assert run["scaling_factor"] == base.vae.scaling_factor == new.scaling_factor
     old_sd, new_sd = base.vae.model.state_dict(), new.model.state_dict()
@@ -327,8 +498,9 @@ def test_decoder_only_vae_keeps_the_latent_space(tmp_path, tiny_train_base):
 
 def test_text_encoder_lr_is_its_own_param_group(tmp_path, tiny_train_base):
     data = make_image_folder(tmp_path / "data")
-    trainer = Trainer(_cfg(tmp_path, tiny_train_base, data, train_text_encoder=True, text_encoder_lr=1e-5,
-                           lr=1e-3, max_steps=2))
+    trainer = Trainer(
+        _cfg(tmp_path, tiny_train_base, data, train_text_encoder=True, text_encoder_lr=1e-5, lr=1e-3, max_steps=2)
+    )
     groups = trainer.optimizer.param_groups
     te = {id(p) for k, p in trainer.trainable.items() if k.startswith("text_encoder.")}
     assert len(groups) == 2 and te and {id(p) for p in groups[1]["params"]} == te
@@ -346,8 +518,17 @@ def test_zero_terminal_snr_trains_and_travels_with_the_model(tmp_path, tiny_trai
     """--zero-terminal-snr: the training schedule ends at SNR 0 (x_T holds nothing of the image), and the
     exported model, single file and diffusers folder, samples with it (trailing timesteps from t = 999)."""
     data = make_image_folder(tmp_path / "data")
-    trainer = Trainer(_cfg(tmp_path, tiny_train_base, data, max_steps=2, prediction_type="v_prediction",
-                           zero_terminal_snr=True, export_diffusers=True))
+    trainer = Trainer(
+        _cfg(
+            tmp_path,
+            tiny_train_base,
+            data,
+            max_steps=2,
+            prediction_type="v_prediction",
+            zero_terminal_snr=True,
+            export_diffusers=True,
+        )
+    )
     assert trainer.models.schedule.alphas_cumprod[-1] == 0
     trainer.train()
     assert all(np.isfinite(_losses(tmp_path / "run")))

@@ -10,9 +10,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.training.data import (CachedDataset, CaptionedImageDataset, EpochSampler, cache_latents_and_text,
-                               load_hf_dataset, load_training_dataset, make_dataloader, open_image,
-                               sample_latents, scan_image_folder)
+from ldm.training.data import (
+    CachedDataset,
+    CaptionedImageDataset,
+    EpochSampler,
+    cache_latents_and_text,
+    load_hf_dataset,
+    load_training_dataset,
+    make_dataloader,
+    open_image,
+    sample_gaussian,
+    sample_latents,
+    scan_image_folder,
+)
 
 R = 16  # resolution used throughout: min_size defaults to 8
 
@@ -74,12 +84,17 @@ def test_metadata_jsonl_text_and_caption_keys(tmp_path):
     make_image(tmp_path / "a.png")
     make_image(tmp_path / "images" / "b.jpg")
     make_image(tmp_path / "nested" / "c.png")
-    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "text": "first"}, "",
-                                              {"file_name": "images/b.jpg", "caption": "second", "extra": 1}])
+    write_jsonl(
+        tmp_path / "metadata.jsonl",
+        [{"file_name": "a.png", "text": "first"}, "", {"file_name": "images/b.jpg", "caption": "second", "extra": 1}],
+    )
     write_jsonl(tmp_path / "nested" / "metadata.jsonl", [{"file_name": "c.png", "text": "third"}])
     scan = scan_image_folder(tmp_path, resolution=R)
     assert [(p.relative_to(tmp_path).as_posix(), c) for p, c in scan.items] == [
-        ("a.png", "first"), ("images/b.jpg", "second"), ("nested/c.png", "third")]
+        ("a.png", "first"),
+        ("images/b.jpg", "second"),
+        ("nested/c.png", "third"),
+    ]
 
 
 def test_bad_images_skipped_and_counted(tmp_path):
@@ -96,22 +111,29 @@ def test_bad_images_skipped_and_counted(tmp_path):
     scan = scan_image_folder(tmp_path, resolution=R)
     assert len(scan.items) == 2
     got = {reason: sorted(p.name for p in paths) for reason, paths in scan.skipped.items()}
-    assert got == {"no caption": ["uncaptioned.png"], "unreadable": ["random.png"],
-                   "truncated": ["cut.jpg", "cut.png"], "too small": ["tiny.png"]}
+    assert got == {
+        "no caption": ["uncaptioned.png"],
+        "unreadable": ["random.png"],
+        "truncated": ["cut.jpg", "cut.png"],
+        "too small": ["tiny.png"],
+    }
     assert "skipped 5: 1 no caption, 1 unreadable, 2 truncated, 1 too small" in scan.summary()
     assert len(scan_image_folder(tmp_path, resolution=R, min_size=1).items) == 3  # tiny accepted now
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing", "folder not found"),
-    ("empty", "no images"),
-    ("no_captions", "no captions"),
-    ("orphan_txt", r"lonely\.txt: caption file without its image"),
-    ("missing_file", r"metadata\.jsonl, line 2: file_name 'gone\.png' not found"),
-    ("bad_json", r"metadata\.jsonl, line 1: not valid JSON"),
-    ("no_text", r"metadata\.jsonl, line 1: no caption"),
-    ("all_bad", r"no usable image \(1 unreadable\)"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "folder not found"),
+        ("empty", "no images"),
+        ("no_captions", "no captions"),
+        ("orphan_txt", r"lonely\.txt: caption file without its image"),
+        ("missing_file", r"metadata\.jsonl, line 2: file_name 'gone\.png' not found"),
+        ("bad_json", r"metadata\.jsonl, line 1: not valid JSON"),
+        ("no_text", r"metadata\.jsonl, line 1: no caption"),
+        ("all_bad", r"no usable image \(1 unreadable\)"),
+    ],
+)
 def test_errors_name_the_problem(tmp_path, case, match):
     root = tmp_path / "data"
     if case != "missing":
@@ -124,8 +146,9 @@ def test_errors_name_the_problem(tmp_path, case, match):
         (root / "a.txt").write_text("fine")
         (root / "lonely.txt").write_text("where is my image")
     if case == "missing_file":
-        write_jsonl(root / "metadata.jsonl", [{"file_name": "a.png", "text": "ok"},
-                                              {"file_name": "gone.png", "text": "x"}])
+        write_jsonl(
+            root / "metadata.jsonl", [{"file_name": "a.png", "text": "ok"}, {"file_name": "gone.png", "text": "x"}]
+        )
     if case == "bad_json":
         write_jsonl(root / "metadata.jsonl", ['{"file_name": "a.png", "text": "oops"'])
     if case == "no_text":
@@ -230,6 +253,23 @@ def test_cache_equals_on_the_fly(tmp_path):
     batch = next(iter(make_dataloader(cached, 3, seed=0)))
     z = sample_latents(batch, torch.Generator().manual_seed(0))
     assert z.shape == (3, 3, R // 8, R // 8) and batch["context"].shape == (3, 77, 4)
+
+
+def test_sample_gaussian_slices_the_global_draw():
+    """Each process draws the noise of the whole global batch and keeps its rows: two halves are the
+    whole; a cached batch samples the same (`sample_latents`)."""
+    g = torch.Generator().manual_seed(3)
+    mean, std = torch.randn(4, 2, 3, 3, generator=g), torch.rand(4, 2, 3, 3, generator=g)
+    whole = sample_gaussian(mean, std, torch.Generator().manual_seed(1))
+    halves = [
+        sample_gaussian(mean[sl], std[sl], torch.Generator().manual_seed(1), 4, sl) for sl in (slice(0, 2), slice(2, 4))
+    ]
+    assert torch.equal(torch.cat(halves), whole)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(whole, mean + std * eps)
+    batch = {"latent_mean": mean, "latent_std": std}
+    assert torch.equal(sample_latents(batch, torch.Generator().manual_seed(1)), whole)
+    assert sample_latents({"latents": mean}) is mean
 
 
 def test_cache_plain_latents_and_random_crop_refused(tmp_path):
@@ -352,13 +392,20 @@ def test_hf_name_needs_datasets(tmp_path, monkeypatch):
 def test_vae_latent_distribution_matches_vae_sampling():
     from diffusers import AutoencoderKL
 
+    from ldm.models.unet import random_weights_
+    from ldm.models.vae import VAE
     from ldm.training.data import vae_latent_distribution
-    from ldm.unet import random_weights_
-    from ldm.vae import VAE
 
-    model = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
-                          norm_num_groups=8, sample_size=16, scaling_factor=0.18215)
+    model = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+        scaling_factor=0.18215,
+    )
     vae = VAE(random_weights_(model, seed=0, scale=0.8).eval())
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean, std = vae_latent_distribution(vae)(images)
@@ -371,12 +418,15 @@ def test_metadata_wins_unsupported_and_duplicates(tmp_path):
     make_image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("from txt")
     make_image(tmp_path / "anim.gif", fmt="GIF")
-    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "text": "from jsonl"},
-                                              {"file_name": "anim.gif", "text": "a gif"}])
+    write_jsonl(
+        tmp_path / "metadata.jsonl",
+        [{"file_name": "a.png", "text": "from jsonl"}, {"file_name": "anim.gif", "text": "a gif"}],
+    )
     scan = scan_image_folder(tmp_path, resolution=R)
     assert [c for _, c in scan.items] == ["from jsonl"]
     assert [p.name for p in scan.skipped["unsupported format"]] == ["anim.gif"]
-    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "text": "x"},
-                                              {"file_name": "./a.png", "text": "y"}])
+    write_jsonl(
+        tmp_path / "metadata.jsonl", [{"file_name": "a.png", "text": "x"}, {"file_name": "./a.png", "text": "y"}]
+    )
     with pytest.raises(ValueError, match="line 2: './a.png' already captioned on line 1"):
         scan_image_folder(tmp_path, resolution=R)

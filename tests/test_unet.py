@@ -5,13 +5,19 @@ Tolerance: max abs difference <= 1e-5 in float32 on outputs of magnitude ~1-3.
 
 import pytest
 import torch
+from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from conftest import diffusers_unet, tiny_sd1_config, tiny_sd2_config
-from ldm.checkpoint import (build_unet, diffusers_key_map, unet_config_from_diffusers, unet_config_to_diffusers,
-                            unet_from_diffusers_state_dict, unet_to_diffusers_state_dict)
-from ldm.unet import UNet, UNetConfig, random_weights_, timestep_embedding
+from ldm.formats.checkpoint import (
+    build_unet,
+    diffusers_key_map,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+    unet_from_diffusers_state_dict,
+    unet_to_diffusers_state_dict,
+)
+from ldm.models.unet import UNet, UNetConfig, random_weights_, timestep_embedding
 
 TOL = 1e-5
 
@@ -27,8 +33,9 @@ def _inputs(config, batch, size=(16, 16), seed=0):
 def test_ours_from_diffusers_state_dict_matches_diffusers(make_config):
     config = make_config()
     torch.manual_seed(0)
-    theirs = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(config).items()
-                                     if not k.startswith("_")})
+    theirs = UNet2DConditionModel(
+        **{k: v for k, v in unet_config_to_diffusers(config).items() if not k.startswith("_")}
+    )
     random_weights_(theirs, seed=1)  # diffusers zero-inits some layers; randomize all of them
     theirs.eval()
     ours = build_unet(config, unet_from_diffusers_state_dict(theirs.state_dict(), config), "test")
@@ -84,6 +91,7 @@ def test_timestep_embedding_matches_diffusers():
     assert (ours - theirs).abs().max() <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,context_dim,linear", [("sd15", 768, False), ("sd21", 1024, True)])
 def test_full_size_key_maps_and_forward(preset, context_dim, linear):
     """Full SD1.5 / SD2.1 configs: 686 CompVis keys, maps both ways exact, one forward equal."""
@@ -104,8 +112,9 @@ def test_full_size_key_maps_and_forward(preset, context_dim, linear):
     assert sorted(kmap.values()) == sorted(their_shapes)  # every key, both ways (a bijection)
     assert all(tuple(sd[k].shape) == their_shapes[v] for k, v in kmap.items())  # every shape
     # diffusers' own converter agrees on every name
-    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in sd.items()},
-                                            unet_config_to_diffusers(config))
+    converted = convert_ldm_unet_checkpoint(
+        {"model.diffusion_model." + k: v for k, v in sd.items()}, unet_config_to_diffusers(config)
+    )
     assert converted.keys() == set(their_shapes)
     assert all(converted[kmap[k]] is v for k, v in sd.items())
     # the diffusers config we write reads back to the same UNetConfig

@@ -10,8 +10,8 @@ from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from ldm.checkpoint import save_safetensors
-from ldm.vae import (
+from ldm.formats.checkpoint import save_safetensors
+from ldm.models.vae import (
     AUTO_TILE_LATENT,
     VAE,
     detect_vae_config,
@@ -28,15 +28,21 @@ from ldm.vae import (
 
 def tiny_vae_config(**kw) -> dict:
     """Two levels (latent = image / 2), one ResBlock per level; tiles of 64 px (32 latent) when tiled."""
-    return sd_vae_config(**{**dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
-                                   latent_channels=4, sample_size=64), **kw})
+    return sd_vae_config(
+        **{
+            **dict(
+                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4, sample_size=64
+            ),
+            **kw,
+        }
+    )
 
 
 def tiny_autoencoder(seed: int = 0, **kw) -> AutoencoderKL:
     torch.manual_seed(seed)
     model = AutoencoderKL.from_config(tiny_vae_config(**kw)).eval()
     with torch.no_grad():  # GroupNorm affines and biases away from their init so a mix-up shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn(p.shape) * 0.1)
     return model
@@ -49,8 +55,10 @@ def autoencoder():
 
 def other_components() -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
-            "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g)}
+    return {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g),
+    }
 
 
 def assert_same_tensors(model: AutoencoderKL, vae: VAE):
@@ -141,8 +149,9 @@ def test_standalone_vae_file_both_layouts(tmp_path, autoencoder):
     assert_same_tensors(autoencoder, load_vae(tmp_path / "orig.safetensors"))
     save_safetensors(autoencoder.state_dict(), tmp_path / "diffusers.safetensors")
     assert_same_tensors(autoencoder, load_vae(tmp_path / "diffusers.safetensors"))
-    old_names = {k.replace("to_q.", "query.").replace("to_out.0.", "proj_attn."): v
-                 for k, v in autoencoder.state_dict().items()}
+    old_names = {
+        k.replace("to_q.", "query.").replace("to_out.0.", "proj_attn."): v for k, v in autoencoder.state_dict().items()
+    }
     save_safetensors(old_names, tmp_path / "old.safetensors")
     assert_same_tensors(autoencoder, load_vae(tmp_path / "old.safetensors"))
 
@@ -176,10 +185,10 @@ def test_shift_factor():
 
 
 def test_tiled_decode(autoencoder, monkeypatch):
-    import ldm.vae
+    import ldm.models.vae
 
     assert AUTO_TILE_LATENT == 96  # SD: tile images above 768 px; lowered here to keep the test fast
-    monkeypatch.setattr(ldm.vae, "AUTO_TILE_LATENT", 40)
+    monkeypatch.setattr(ldm.models.vae, "AUTO_TILE_LATENT", 40)
     vae = VAE(autoencoder)
     big = latents(48, 44)  # tiles of 32 latent, stride 24: 2 x 2 tiles
     with torch.no_grad():
@@ -250,8 +259,10 @@ def test_errors_name_the_problem(tmp_path, autoencoder):
     with pytest.raises(ValueError, match=r"'first_stage_model.decoder.up.1.block.0.norm1.bias' has shape \(5,\)"):
         load_vae(tmp_path / "shape.safetensors")
 
-    save_safetensors({k: v for k, v in autoencoder.state_dict().items() if "decoder.conv_out.bias" not in k},
-                     tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    save_safetensors(
+        {k: v for k, v in autoencoder.state_dict().items() if "decoder.conv_out.bias" not in k},
+        tmp_path / "vae" / "diffusion_pytorch_model.safetensors",
+    )
     (tmp_path / "vae" / "config.json").write_text(json.dumps(dict(autoencoder.config)))
     with pytest.raises(ValueError, match="missing tensor 'decoder.conv_out.bias'"):
         load_vae(tmp_path)

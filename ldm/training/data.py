@@ -35,9 +35,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -57,10 +58,16 @@ CACHE_FORMAT = "ldm-training-cache-1"  # bump when the cache layout or the item 
 
 def check_resolution(resolution: int) -> int:
     """`resolution` if it is a positive multiple of 8 (the VAE's downsampling), else ValueError."""
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution <= 0 \
-            or resolution % 8:
-        raise ValueError(f"resolution {resolution!r}: must be a positive multiple of 8 (the VAE downsamples by 8), "
-                         "e.g. 512 for SD 1.x, 768 for SD 2.x-v")
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, (int, np.integer))
+        or resolution <= 0
+        or resolution % 8
+    ):
+        raise ValueError(
+            f"resolution {resolution!r}: must be a positive multiple of 8 (the VAE downsamples by 8), "
+            "e.g. 512 for SD 1.x, 768 for SD 2.x-v"
+        )
     return int(resolution)
 
 
@@ -137,7 +144,7 @@ def check_image(path: Path, min_size: int = 0) -> str | None:
 
 def _read_metadata(meta: Path, captions: dict[Path, str], origin: dict[Path, str]) -> None:
     """Add the captions of one metadata.jsonl to `captions` (path -> caption)."""
-    here = {}
+    here: dict[Path, int] = {}
     for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -145,24 +152,29 @@ def _read_metadata(meta: Path, captions: dict[Path, str], origin: dict[Path, str
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one object like "
-                             '{"file_name": "cat1.png", "text": "a photo of a cat"}') from None
+            raise ValueError(
+                f"{where}: not valid JSON ({e.msg}); each line must be one object like "
+                '{"file_name": "cat1.png", "text": "a photo of a cat"}'
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
-            raise ValueError(f"{where}: needs a \"file_name\" string, e.g. "
-                             '{"file_name": "cat1.png", "text": "a photo of a cat"}')
+            raise ValueError(
+                f'{where}: needs a "file_name" string, e.g. {{"file_name": "cat1.png", "text": "a photo of a cat"}}'
+            )
         key = next((k for k in CAPTION_KEYS if k in record), None)
         if key is None:
-            raise ValueError(f"{where}: no caption: add a \"text\" (or \"caption\") entry; keys found: "
-                             f"{sorted(record)}")
+            raise ValueError(f'{where}: no caption: add a "text" (or "caption") entry; keys found: {sorted(record)}')
         if not isinstance(record[key], str):
-            raise ValueError(f"{where}: \"{key}\" must be a string, got {type(record[key]).__name__}")
+            raise ValueError(f'{where}: "{key}" must be a string, got {type(record[key]).__name__}')
         path = Path(os.path.normpath(meta.parent / record["file_name"]))
         if not path.is_file():
-            raise ValueError(f"{where}: file_name {record['file_name']!r} not found ({path}); "
-                             "fix the name (relative to the metadata.jsonl's folder) or remove the line")
+            raise ValueError(
+                f"{where}: file_name {record['file_name']!r} not found ({path}); "
+                "fix the name (relative to the metadata.jsonl's folder) or remove the line"
+            )
         if path in here:
-            raise ValueError(f"{where}: {record['file_name']!r} already captioned on line {here[path]}; "
-                             "keep one line per image")
+            raise ValueError(
+                f"{where}: {record['file_name']!r} already captioned on line {here[path]}; keep one line per image"
+            )
         here[path] = n
         captions[path] = record[key].strip()
         origin[path] = where
@@ -179,8 +191,10 @@ def scan_image_folder(root: str | os.PathLike, resolution: int = 512, min_size: 
     resolution = check_resolution(resolution)
     min_size = resolution // 2 if min_size is None else int(min_size)
     if not root.exists():
-        raise ValueError(f"{root}: folder not found; pass a folder of images with captions "
-                         f"({METADATA_NAME} or a same-name .txt file per image)")
+        raise ValueError(
+            f"{root}: folder not found; pass a folder of images with captions "
+            f"({METADATA_NAME} or a same-name .txt file per image)"
+        )
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder; pass the folder holding the images and captions")
     files = _walk(root)
@@ -201,8 +215,10 @@ def scan_image_folder(root: str | os.PathLike, resolution: int = 512, min_size: 
         if not partners:
             others = [f.name for f in by_stem[(txt.parent, txt.stem)] if f != txt]
             found = f" (found {', '.join(others)}: not a supported image type)" if others else ""
-            raise ValueError(f"{txt}: caption file without its image{found}; expected {txt.stem}"
-                             f"{'/'.join(IMAGE_SUFFIXES)} next to it: add the image or remove the .txt")
+            raise ValueError(
+                f"{txt}: caption file without its image{found}; expected {txt.stem}"
+                f"{'/'.join(IMAGE_SUFFIXES)} next to it: add the image or remove the .txt"
+            )
         try:
             text = txt.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
@@ -211,12 +227,16 @@ def scan_image_folder(root: str | os.PathLike, resolution: int = 512, min_size: 
             captions.setdefault(image, text)  # metadata.jsonl wins
 
     if not captions:
-        raise ValueError(f"{root}: {len(images)} images but no captions; add a {METADATA_NAME} "
-                         '(lines like {"file_name": "cat1.png", "text": "a photo of a cat"}) or a same-name '
-                         ".txt caption next to each image (cat1.png + cat1.txt)")
+        raise ValueError(
+            f"{root}: {len(images)} images but no captions; add a {METADATA_NAME} "
+            '(lines like {"file_name": "cat1.png", "text": "a photo of a cat"}) or a same-name '
+            ".txt caption next to each image (cat1.png + cat1.txt)"
+        )
 
-    items, skipped = [], {}
+    items: list[tuple[Path, str]] = []
+    skipped: dict[str, list[Path]] = {}
     for path in sorted(set(images) | set(captions)):
+        reason: str | None
         if path not in captions:
             reason = "no caption"
         elif not _is_image(path):
@@ -319,22 +339,31 @@ class CaptionedImageDataset(Dataset):
     All choices depend on (seed, epoch, index) only; call `set_epoch` at each epoch.
     """
 
-    def __init__(self, items: ScanResult | Sequence, resolution: int = 512, *, crop: str = "center",
-                 random_flip: bool = False, caption_dropout: float = 0.0, seed: int = 0, epoch: int = 0):
+    def __init__(
+        self,
+        items: ScanResult | HFImageCaptions | Sequence,
+        resolution: int = 512,
+        *,
+        crop: str = "center",
+        random_flip: bool = False,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        epoch: int = 0,
+    ):
         self.resolution = check_resolution(resolution)
         if crop not in CROPS:
             raise ValueError(f"crop {crop!r}: use one of {CROPS}")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout {caption_dropout}: must be a probability in [0, 1] (0.1 is usual)")
         self.scan = items if isinstance(items, ScanResult) else None
-        if self.scan is not None:
-            items = self.scan.items
-        if hasattr(items, "images") and hasattr(items, "captions"):  # lazy sources (HFImageCaptions)
-            self.images, self.captions = items.images, list(items.captions)
-            self._fingerprint = getattr(items, "fingerprint", None)
+        pairs: Any = items.items if isinstance(items, ScanResult) else items
+        self.images: Sequence[Any]
+        if hasattr(pairs, "images") and hasattr(pairs, "captions"):  # lazy sources (HFImageCaptions)
+            self.images, self.captions = pairs.images, list(pairs.captions)
+            self._fingerprint = getattr(pairs, "fingerprint", None)
         else:
-            self.images = [image for image, _ in items]
-            self.captions = [caption for _, caption in items]
+            self.images = [image for image, _ in pairs]
+            self.captions = [caption for _, caption in pairs]
             self._fingerprint = None
         if not self.captions:
             raise ValueError("CaptionedImageDataset: no items")
@@ -342,8 +371,9 @@ class CaptionedImageDataset(Dataset):
         self.seed, self.epoch = int(seed), int(epoch)
 
     @classmethod
-    def from_folder(cls, root: str | os.PathLike, resolution: int = 512, *, min_size: int | None = None,
-                    **kwargs) -> CaptionedImageDataset:
+    def from_folder(
+        cls, root: str | os.PathLike, resolution: int = 512, *, min_size: int | None = None, **kwargs
+    ) -> CaptionedImageDataset:
         return cls(scan_image_folder(root, resolution, min_size), resolution, **kwargs)
 
     def __len__(self) -> int:
@@ -395,8 +425,10 @@ class HFImageCaptions:
         self.dataset, self.image_column = dataset, image_column
         self.captions = [_hf_caption(c, name, caption_column, i) for i, c in enumerate(dataset[caption_column])]
         self.images = _LazyColumn(dataset, image_column)
-        self.fingerprint = (f"hf|{name}|{split}|{image_column}|{caption_column}|"
-                            f"{getattr(dataset, '_fingerprint', None)}|{len(self.captions)}")
+        self.fingerprint = (
+            f"hf|{name}|{split}|{image_column}|{caption_column}|"
+            f"{getattr(dataset, '_fingerprint', None)}|{len(self.captions)}"
+        )
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -420,37 +452,56 @@ def _hf_caption(value, name: str, column: str, row: int) -> str:
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
         value = value[0]  # several captions per image (COCO style): the first
     if not isinstance(value, str):
-        raise ValueError(f"dataset {name!r}, row {row}: caption column {column!r} holds "
-                         f"{type(value).__name__}, not text; pick the text column with caption_column=")
+        raise ValueError(
+            f"dataset {name!r}, row {row}: caption column {column!r} holds "
+            f"{type(value).__name__}, not text; pick the text column with caption_column="
+        )
     return value.strip()
 
 
-def load_hf_dataset(name: str, split: str = "train", image_column: str = "image",
-                    caption_column: str = "text") -> HFImageCaptions:
+def load_hf_dataset(
+    name: str, split: str = "train", image_column: str = "image", caption_column: str = "text"
+) -> HFImageCaptions:
     """A split of a Hugging Face dataset (hub name or local script) as (image, caption) pairs.
     Needs the optional `datasets` package; images are not verified up front."""
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"{name!r} is not a local folder, and loading it as a Hugging Face dataset needs the "
-                         "`datasets` package: pip install datasets (or pass a folder of captioned images)") from None
+        raise ValueError(
+            f"{name!r} is not a local folder, and loading it as a Hugging Face dataset needs the "
+            "`datasets` package: pip install datasets (or pass a folder of captioned images)"
+        ) from None
     ds = datasets.load_dataset(name, split=split)
     for role, column in (("image_column", image_column), ("caption_column", caption_column)):
         if column not in ds.column_names:
-            raise ValueError(f"dataset {name!r} ({split}) has no column {column!r}; columns: {ds.column_names}; "
-                             f"pass {role}=")
+            raise ValueError(
+                f"dataset {name!r} ({split}) has no column {column!r}; columns: {ds.column_names}; pass {role}="
+            )
     return HFImageCaptions(ds, image_column, caption_column, name, split)
 
 
 def _looks_like_path(name: str) -> bool:
     """Hub names are 'name' or 'owner/name'; anything else is meant as a local path."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
-            or name.endswith("/") or os.path.exists(name))
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith("/")
+        or os.path.exists(name)
+    )
 
 
-def load_training_dataset(source: str | os.PathLike, resolution: int = 512, *, min_size: int | None = None,
-                          split: str = "train", image_column: str = "image", caption_column: str = "text",
-                          **kwargs) -> CaptionedImageDataset:
+def load_training_dataset(
+    source: str | os.PathLike,
+    resolution: int = 512,
+    *,
+    min_size: int | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    caption_column: str = "text",
+    **kwargs,
+) -> CaptionedImageDataset:
     """A CaptionedImageDataset from a local folder (scanned) or, when `source` is not one, a Hugging
     Face dataset name. kwargs: CaptionedImageDataset's (crop, random_flip, caption_dropout, seed)."""
     check_resolution(resolution)
@@ -476,13 +527,31 @@ def vae_latent_distribution(vae) -> Callable[[torch.Tensor], tuple[torch.Tensor,
     return encode
 
 
-def sample_latents(batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latents (B, C, h, w) of a cached batch: z = mean + std * eps, or the stored latents."""
+def sample_gaussian(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    generator: torch.Generator | None = None,
+    global_batch: int | None = None,
+    sl: slice = slice(None),
+) -> torch.Tensor:
+    """z = mean + std * eps, eps ~ N(0, I) drawn on the CPU from `generator` in float32 (float64
+    for float64 means) for a batch of `global_batch` rows (default: mean's), then sliced with `sl`:
+    each process of a data-parallel run draws the whole global batch and keeps its own rows."""
+    shape = (global_batch or mean.shape[0], *mean.shape[1:])
+    eps = torch.randn(shape, generator=generator, dtype=torch.promote_types(mean.dtype, torch.float32))
+    return mean + std * eps[sl].to(mean.device)
+
+
+def sample_latents(
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator | None = None,
+    global_batch: int | None = None,
+    sl: slice = slice(None),
+) -> torch.Tensor:
+    """Latents (B, C, h, w) of a cached batch: z = mean + std * eps (`sample_gaussian`), or the stored latents."""
     if "latents" in batch:
         return batch["latents"]
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-    return mean + std * eps
+    return sample_gaussian(batch["latent_mean"], batch["latent_std"], generator, global_batch, sl)
 
 
 class CachedDataset(Dataset):
@@ -490,14 +559,39 @@ class CachedDataset(Dataset):
     "context": (T, D), "caption": str, "index": int. Flip and caption dropout are chosen per
     (seed, epoch, index) exactly as in the CaptionedImageDataset it was made from."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], captions: list[str], *, random_flip: bool,
-                 caption_dropout: float, seed: int = 0, epoch: int = 0, path: Path | None = None,
-                 from_disk: bool = False):
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        captions: list[str],
+        *,
+        random_flip: bool,
+        caption_dropout: float,
+        seed: int = 0,
+        epoch: int = 0,
+        path: Path | None = None,
+        from_disk: bool = False,
+    ):
         self.tensors, self.captions = tensors, captions
         self.latent_keys = ("latents",) if "latents" in tensors else ("latent_mean", "latent_std")
         self.random_flip, self.caption_dropout = random_flip, caption_dropout
         self.seed, self.epoch = int(seed), int(epoch)
         self.path, self.from_disk = path, from_disk
+
+    @classmethod
+    def of(
+        cls, dataset: CaptionedImageDataset, tensors: dict[str, torch.Tensor], *, path: Path | None, from_disk: bool
+    ) -> CachedDataset:
+        """The cache of `dataset`: its captions, flips, caption dropout, seed and current epoch."""
+        return cls(
+            tensors,
+            dataset.captions,
+            random_flip=dataset.random_flip,
+            caption_dropout=dataset.caption_dropout,
+            seed=dataset.seed,
+            epoch=dataset.epoch,
+            path=path,
+            from_disk=from_disk,
+        )
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -509,7 +603,7 @@ class CachedDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         aug = augmentation(self.seed, self.epoch, index, self.random_flip, self.caption_dropout)
-        item = {k: self.tensors[k][index, int(aug.flip)] for k in self.latent_keys}
+        item: dict[str, Any] = {k: self.tensors[k][index, int(aug.flip)] for k in self.latent_keys}
         if aug.drop_caption:
             item["context"], item["caption"] = self.tensors["empty_context"], ""
         else:
@@ -542,17 +636,25 @@ def _save_cache(path: Path, tensors: dict[str, torch.Tensor], captions: list[str
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": CACHE_FORMAT, "captions": json.dumps(captions)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"format": CACHE_FORMAT, "captions": json.dumps(captions)},
+    )
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache under the real name
 
 
 @torch.no_grad()
-def cache_latents_and_text(dataset: CaptionedImageDataset,
-                           encode_images: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
-                           encode_text: Callable[[list[str]], torch.Tensor], batch_size: int = 8,
-                           progress: bool = True, *, cache_dir: str | os.PathLike | None = None,
-                           model_id: str | None = None) -> CachedDataset:
+def cache_latents_and_text(
+    dataset: CaptionedImageDataset,
+    encode_images: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    encode_text: Callable[[list[str]], torch.Tensor],
+    batch_size: int = 8,
+    progress: bool = True,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    model_id: str | None = None,
+) -> CachedDataset:
     """Every item's latents and text context computed once; the returned CachedDataset replaces
     `dataset` in training (same flips, same caption dropout, same (seed, epoch, index) choices).
 
@@ -568,22 +670,24 @@ def cache_latents_and_text(dataset: CaptionedImageDataset,
     from tqdm.auto import tqdm
 
     if dataset.crop == "random":
-        raise ValueError("random crops can't be cached (each epoch cuts a different window); "
-                         "use crop='center' or train without caching")
+        raise ValueError(
+            "random crops can't be cached (each epoch cuts a different window); "
+            "use crop='center' or train without caching"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
     flips = 2 if dataset.random_flip else 1
     path = None
     if cache_dir is not None:
         if not model_id:
-            raise ValueError("cache_dir needs model_id: a string that changes with the VAE and text encoder "
-                             "(e.g. the weights file's sha256), so a cache made by another model is never reused")
+            raise ValueError(
+                "cache_dir needs model_id: a string that changes with the VAE and text encoder "
+                "(e.g. the weights file's sha256), so a cache made by another model is never reused"
+            )
         path = Path(cache_dir) / f"latents-{_cache_key(dataset, model_id, flips)}.safetensors"
         tensors = _load_cache(path, dataset) if path.is_file() else None
         if tensors is not None:
-            return CachedDataset(tensors, dataset.captions, random_flip=dataset.random_flip,
-                                 caption_dropout=dataset.caption_dropout, seed=dataset.seed, epoch=dataset.epoch,
-                                 path=path, from_disk=True)
+            return CachedDataset.of(dataset, tensors, path=path, from_disk=True)
 
     n = len(dataset)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -591,10 +695,13 @@ def cache_latents_and_text(dataset: CaptionedImageDataset,
         for start in range(0, n, batch_size):
             pixels = torch.stack([dataset.pixels(i) for i in range(start, min(start + batch_size, n))])
             per_flip = [encode_images(pixels.flip(-1) if f else pixels) for f in range(flips)]
-            if isinstance(per_flip[0], tuple):
-                outputs = {"latent_mean": [o[0] for o in per_flip], "latent_std": [o[1] for o in per_flip]}
-            else:
-                outputs = {"latents": per_flip}
+            outputs: dict[str, list[torch.Tensor]] = {}
+            for o in per_flip:
+                if isinstance(o, tuple):
+                    outputs.setdefault("latent_mean", []).append(o[0])
+                    outputs.setdefault("latent_std", []).append(o[1])
+                else:
+                    outputs.setdefault("latents", []).append(o)
             for key, values in outputs.items():
                 stacked = torch.stack([v.detach().cpu() for v in values], 1)  # (B, F, C, h, w)
                 parts.setdefault(key, []).append(stacked)
@@ -602,23 +709,32 @@ def cache_latents_and_text(dataset: CaptionedImageDataset,
 
     unique = list(dict.fromkeys(dataset.captions))
     ids = {c: i for i, c in enumerate(unique)}
-    contexts = [encode_text(unique[s:s + batch_size]).detach().cpu() for s in range(0, len(unique), batch_size)]
+    contexts = [encode_text(unique[s : s + batch_size]).detach().cpu() for s in range(0, len(unique), batch_size)]
     empty = encode_text([""]).detach().cpu()[0]
     lengths = sorted({c.shape[1] for c in contexts} | {empty.shape[0]})
     if len(lengths) > 1:
-        raise ValueError(f"encode_text gave contexts of {lengths} tokens for different captions; cached contexts "
-                         "must stack: encode every caption with the same number of 77-token chunks")
+        raise ValueError(
+            f"encode_text gave contexts of {lengths} tokens for different captions; cached contexts "
+            "must stack: encode every caption with the same number of 77-token chunks"
+        )
     tensors = {k: torch.cat(v) for k, v in parts.items()}
-    tensors.update(contexts=torch.cat(contexts), empty_context=empty,
-                   caption_ids=torch.tensor([ids[c] for c in dataset.captions], dtype=torch.long))
+    tensors.update(
+        contexts=torch.cat(contexts),
+        empty_context=empty,
+        caption_ids=torch.tensor([ids[c] for c in dataset.captions], dtype=torch.long),
+    )
     if path is not None:
         _save_cache(path, tensors, dataset.captions)
-    return CachedDataset(tensors, dataset.captions, random_flip=dataset.random_flip,
-                         caption_dropout=dataset.caption_dropout, seed=dataset.seed, epoch=dataset.epoch,
-                         path=path, from_disk=False)
+    return CachedDataset.of(dataset, tensors, path=path, from_disk=False)
 
 
 # --------------------------------------------------------------------------- loaders
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The item order of one epoch: a permutation of 0..num_items-1 that depends on (seed, epoch) only."""
+    g = torch.Generator().manual_seed(derive_seed("order", seed, epoch))
+    return torch.randperm(num_items, generator=g).tolist()
 
 
 class EpochSampler(Sampler[int]):
@@ -629,8 +745,16 @@ class EpochSampler(Sampler[int]):
     `dataset` too when given (accelerate's prepared loaders call the sampler's set_epoch only).
     """
 
-    def __init__(self, num_items: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0, skip: int = 0,
-                 dataset: Dataset | None = None):
+    def __init__(
+        self,
+        num_items: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        skip: int = 0,
+        dataset: Dataset | None = None,
+    ):
         self.num_items, self.shuffle, self.seed = int(num_items), bool(shuffle), int(seed)
         self.epoch, self.skip, self.dataset = int(epoch), int(skip), dataset
 
@@ -643,21 +767,27 @@ class EpochSampler(Sampler[int]):
 
     def order(self) -> list[int]:
         """The whole epoch's order, skipped indices included."""
-        if not self.shuffle:
-            return list(range(self.num_items))
-        g = torch.Generator().manual_seed(derive_seed("order", self.seed, self.epoch))
-        return torch.randperm(self.num_items, generator=g).tolist()
+        return epoch_permutation(self.num_items, self.seed, self.epoch) if self.shuffle else list(range(self.num_items))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.skip:])
+        return iter(self.order()[self.skip :])
 
     def __len__(self) -> int:
         return max(0, self.num_items - self.skip)
 
 
-def make_dataloader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-                    num_workers: int = 0, drop_last: bool = False, skip_batches: int = 0,
-                    pin_memory: bool = False) -> DataLoader:
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    skip_batches: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A DataLoader over one epoch whose order depends on (seed, epoch) only, starting after its
     first `skip_batches` batches (exact resume). Sets the dataset's epoch; build one loader per
     epoch (cheap), or call `loader.sampler.set_epoch(e)` between epochs. The global RNG is not
@@ -668,15 +798,23 @@ def make_dataloader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, 
     """
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: must be >= 1")
-    n = len(dataset)
+    n = len(cast(Sized, dataset))  # a map-style dataset
     batches = n // batch_size if drop_last else math.ceil(n / batch_size)
     if not 0 <= skip_batches <= batches:
-        raise ValueError(f"skip_batches {skip_batches}: an epoch has {batches} batches of {batch_size} "
-                         f"({n} items{', drop_last' if drop_last else ''})")
+        raise ValueError(
+            f"skip_batches {skip_batches}: an epoch has {batches} batches of {batch_size} "
+            f"({n} items{', drop_last' if drop_last else ''})"
+        )
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
-    sampler = EpochSampler(n, shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size,
-                           dataset=dataset)
+    sampler = EpochSampler(n, shuffle=shuffle, seed=seed, epoch=epoch, skip=skip_batches * batch_size, dataset=dataset)
     generator = torch.Generator().manual_seed(derive_seed("loader", seed, epoch))  # worker seeds; not the global RNG
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=pin_memory, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        generator=generator,
+    )

@@ -9,8 +9,9 @@ from pathlib import Path
 from PIL import Image
 
 
-def save_grid(images: list, path: str | os.PathLike, rows: int | None = None, captions: list[str] | None = None,
-              pad: int = 2) -> Path:
+def save_grid(
+    images: list, path: str | os.PathLike, rows: int | None = None, captions: list[str] | None = None, pad: int = 2
+) -> Path:
     """Tile PIL images (same size) row by row; captions (one per column's first image) are written
     into the PNG's `captions` text chunk rather than drawn, so pixels stay the model's."""
     from PIL.PngImagePlugin import PngInfo

@@ -6,6 +6,9 @@ in a step is drawn from a generator seeded by (seed, step, micro-step) for the *
 batch, and each process takes its contiguous slice: a run is reproducible, resumable
 exactly, and N processes follow the same trajectory as one process with the same global
 batch (up to the order of float reductions).
+
+The run's settings are `TrainConfig` (ldm.training.config, importable from here too); what each
+mode trains and on which batches is built by ldm.training.setup; the losses are in ldm.training.losses.
 """
 
 from __future__ import annotations
@@ -17,123 +20,20 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import atomic_dir, save_safetensors
-from ldm.schedule import NoiseSchedule
+from ldm.formats.atomic import atomic_dir
+from ldm.formats.checkpoint import read_state_dict, save_safetensors
+from ldm.training import setup
+from ldm.training.config import RESUME_MUST_MATCH, TrainConfig
 from ldm.training.ema import EMA
-
-MODES = ("full", "lora", "scratch", "vae")
-MIXED_PRECISION = ("no", "bf16", "fp16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-# fields that must match to resume a run (others, e.g. max_steps or save_every, may change)
-RESUME_MUST_MATCH = ("mode", "base", "vae", "data", "resolution", "batch_size", "grad_accum", "seed", "lr",
-                     "lr_scheduler", "warmup_steps", "unet_config", "text_config", "vae_config", "lora_rank",
-                     "lora_alpha", "train_text_encoder", "text_encoder_lr", "decoder_only", "freeze_text_encoder", "text_init_std", "cache", "center_crop", "random_flip", "caption_dropout",
-                     "snr_gamma", "offset_noise", "ema_decay", "optimizer", "prediction_type", "zero_terminal_snr")
-
-
-@dataclass
-class TrainConfig:
-    data: str  # image folder, "shapes" (procedural demo dataset) or a Hugging Face datasets name
-    output_dir: str = "runs/train"
-    mode: str = "full"  # full | lora | scratch | vae
-    base: str | None = None  # checkpoint to start from (full / lora; vae: optional)
-    vae: str | None = None  # scratch: the VAE to train the U-Net on (trained with mode=vae); full/lora: replaces the base's
-    unet_config: str | dict | None = None  # scratch: "sd15", "sd21", a JSON file or a dict (UNetConfig fields)
-    text_config: str | dict | None = None  # scratch: CLIPTextConfig JSON file or dict (default: a small one)
-    vae_config: str | dict | None = None  # vae from scratch: AutoencoderKL config JSON file or dict
-    train_text_encoder: bool = False  # full: also fine-tune the text encoder (scratch: see freeze_text_encoder)
-    text_encoder_lr: float | None = None  # peak learning rate of the text encoder when it trains (default: lr)
-    freeze_text_encoder: bool = False  # scratch: keep the new text encoder at its random init (not trained)
-    text_init_std: float = 0.0  # scratch: std of the new token embeddings (0 = CLIP's 0.02)
-    prediction_type: str | None = None  # default: the base model's ("epsilon" from scratch)
-    zero_terminal_snr: bool = False  # rescale the schedule to SNR 0 at t = T-1, sample "trailing" (Lin et al. 2024)
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = False
-    caption_dropout: float = 0.0  # probability of an empty caption (for classifier-free guidance)
-    shapes_two_objects: float = 0.3  # data=shapes: share of two-object scenes
-    cache: bool = False  # precompute VAE latents (and text embeddings when the text encoder is frozen)
-    batch_size: int = 1  # global batch per micro-step, over all processes
-    grad_accum: int = 1
-    max_steps: int = 1000  # optimizer steps (the LR schedule spans them)
-    stop_at: int = 0  # end the run after this step (0 = at max_steps), schedule unchanged; resumable
-    lr: float = 1e-4
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_eps: float = 1e-8
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    gradient_checkpointing: bool = False
-    ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.9999 for long runs
-    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, 5 is usual
-    offset_noise: float = 0.0  # offset noise strength (e.g. 0.05-0.1): darker darks, brighter brights
-    kl_weight: float = 1e-6  # vae mode: weight of the KL term
-    decoder_only: bool = False  # vae mode: train the decoder alone (encoder, latents and scaling factor kept)
-    lora_rank: int = 4
-    lora_alpha: float | None = None  # default: rank
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    validate_every: int = 0  # 0 = only at the end
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_steps: int = 25
-    validation_guidance: float = 7.5
-    log_every: int = 1
-    seed: int = 0
-    num_workers: int = 0
-    resume: str | None = None  # "latest" or a checkpoint folder
-    export_diffusers: bool = False
-
-    def __post_init__(self):
-        problems = [
-            (self.mode not in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-            (self.resolution < 8 or self.resolution % 8, f"resolution {self.resolution} must be a positive multiple of 8"),
-            (self.batch_size < 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum < 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.max_steps < 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.lr <= 0, f"lr must be > 0, got {self.lr}"),
-            (self.text_encoder_lr is not None and not self.text_encoder_lr > 0,
-             f"text_encoder_lr must be > 0, got {self.text_encoder_lr}"),
-            (self.decoder_only and self.mode != "vae", "decoder_only is for mode vae (it trains a VAE's decoder)"),
-            (self.decoder_only and not self.base, "decoder_only needs --base: the VAE whose decoder to fine-tune"),
-            (self.mixed_precision not in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
-            (self.lr_scheduler not in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
-            (not 0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}"),
-            (self.ema_decay != 0 and not 0 < self.ema_decay < 1, "ema_decay must be 0 (off) or in (0, 1)"),
-            (self.optimizer not in ("adamw", "adamw8bit"), "optimizer must be adamw or adamw8bit"),
-            (self.mode in ("full", "lora") and not self.base, f"mode {self.mode} needs --base (the model to fine-tune)"),
-            (self.mode == "scratch" and not self.vae and not self.base,
-             "mode scratch needs --vae (a VAE trained with --mode vae) or --base to take the VAE from"),
-            (self.save_every < 1, f"save_every must be >= 1, got {self.save_every}"),
-            (self.stop_at < 0, f"stop_at must be >= 0, got {self.stop_at}"),
-            (not 0 <= self.shapes_two_objects <= 1,
-             f"shapes_two_objects must be in [0, 1], got {self.shapes_two_objects}"),
-            (self.lora_rank < 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
-            (self.prediction_type not in (None, "epsilon", "v_prediction"),
-             f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}"),
-            (self.zero_terminal_snr and self.mode == "vae",
-             "zero_terminal_snr is a noise schedule for diffusion training; mode vae has none"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise ValueError(message)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # --------------------------------------------------------------------------- randomness
 
@@ -148,51 +48,6 @@ def local_slice(batch_size: int, rank: int, world: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
-# --------------------------------------------------------------------------- losses
-
-
-def diffusion_loss(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], schedule: NoiseSchedule,
-                   latents: torch.Tensor, g: torch.Generator, sl: slice, global_batch: int,
-                   snr_gamma: float = 0.0, offset_noise: float = 0.0) -> torch.Tensor:
-    """Noise-prediction loss (DDPM, Ho et al. 2020) with the target the model is trained for.
-
-    denoise(x_t, t) is the model (U-Net with its text context bound).
-    latents: this process's (b, C, h, w) slice of the global batch; the random draws are made
-    for the global batch from `g` and sliced with `sl`, so they do not depend on the process count.
-    """
-    C, h, w = latents.shape[1:]
-    t = torch.randint(0, schedule.num_train_timesteps, (global_batch,), generator=g)[sl]
-    noise = torch.randn((global_batch, C, h, w), generator=g)[sl]
-    if offset_noise > 0:  # per-channel shift: lets the model change the mean brightness
-        noise = noise + offset_noise * torch.randn((global_batch, C, 1, 1), generator=g)[sl]
-    latents, noise, t = latents.float(), noise.to(latents.device), t.to(latents.device)
-    x_t = schedule.add_noise(latents, noise, t)  # sqrt(a_bar) x_0 + sqrt(1 - a_bar) eps
-    target = schedule.from_x0_eps(latents, noise, t)  # eps, or v = sqrt(a_bar) eps - sqrt(1 - a_bar) x_0
-    pred = denoise(x_t, t).float()
-    loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))  # (b,)
-    if snr_gamma > 0:
-        a_bar = schedule.alphas_cumprod.to(t.device)[t]
-        snr = a_bar / (1 - a_bar)
-        clipped = torch.clamp(snr, max=snr_gamma)
-        # min-SNR-gamma: weight min(SNR, gamma)/SNR for eps targets, min(SNR, gamma)/(SNR + 1) for v
-        weight = clipped / snr if schedule.prediction_type == "epsilon" else clipped / (snr + 1)
-        loss = loss * weight
-    return loss.mean()
-
-
-def vae_loss(vae, images: torch.Tensor, g: torch.Generator, sl: slice, global_batch: int,
-             kl_weight: float) -> tuple[torch.Tensor, dict]:
-    """Reconstruction (L1 + L2) plus a small KL to N(0, I), as the SD autoencoder's KL-f8 objective
-    without its adversarial and perceptual terms (which matter little for flat procedural images)."""
-    dist = vae.model.encode(images).latent_dist
-    eps = torch.randn((global_batch, *dist.mean.shape[1:]), generator=g)[sl].to(images.device)
-    z = dist.mean + dist.std * eps
-    recon = vae.model.decode(z).sample
-    rec = (recon - images).abs().mean() + F.mse_loss(recon, images)
-    kl = dist.kl().mean() / dist.mean[0].numel()
-    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item()}
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -200,17 +55,22 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     folder = output_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")),
-                  key=lambda p: int(p.name.split("-")[1]))
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
 
 
 def _rng_state() -> dict:
     """Global RNG states, in types torch.load(weights_only=True) accepts. The loop draws nothing
     from them (every draw is seeded by step), but user code and libraries might."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, internal, gauss_next = random.getstate()
-    return {"python": [version, list(internal), gauss_next], "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -242,10 +102,8 @@ class Trainer:
         world = self.acc.num_processes
         if c.batch_size % world:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the {world} processes")
-        from ldm.training import setup
-
         dataset = setup.load_dataset(c, main=self.acc.is_main_process)
-        self.models = setup.build_models(c)
+        self.models = setup.build_models(c, dataset)
         self.data = setup.build_data(c, self.models, dataset, main=self.acc.is_main_process)
         self.trainable = self.models.trainable_named_parameters()
         if not self.trainable:
@@ -253,8 +111,9 @@ class Trainer:
         self.optimizer = self._optimizer(self._param_groups())
         from diffusers.optimization import get_scheduler
 
-        self.lr_scheduler = get_scheduler(c.lr_scheduler, self.optimizer, num_warmup_steps=c.warmup_steps,
-                                          num_training_steps=c.max_steps)
+        self.lr_scheduler = get_scheduler(
+            c.lr_scheduler, self.optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.max_steps
+        )
         self.ema = EMA(self.trainable, c.ema_decay) if c.ema_decay else None
         self.step = 0
         self.module = self.models.trained_module()
@@ -279,8 +138,10 @@ class Trainer:
 
                 return bnb.optim.AdamW8bit(params, **kwargs)
             except Exception as e:  # noqa: BLE001 - any import/runtime failure of bnb
-                raise ValueError(f"--optimizer adamw8bit needs a working bitsandbytes ({type(e).__name__}: {e}); "
-                                 "install it for your GPU or use --optimizer adamw") from None
+                raise ValueError(
+                    f"--optimizer adamw8bit needs a working bitsandbytes ({type(e).__name__}: {e}); "
+                    "install it for your GPU or use --optimizer adamw"
+                ) from None
         return torch.optim.AdamW(params, **kwargs)
 
     # ---------------------------------------------------------------- checkpointing
@@ -294,12 +155,21 @@ class Trainer:
             save_safetensors({k: p.detach() for k, p in self.trainable.items()}, tmp / "trainable.safetensors")
             if self.ema is not None:
                 save_safetensors(self.ema.shadow, tmp / "ema.safetensors")
-            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "ema_num_updates": self.ema.num_updates if self.ema else 0, "rng": _rng_state()},
-                       tmp / "optimizer.pt")
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "ema_num_updates": self.ema.num_updates if self.ema else 0,
+                    "rng": _rng_state(),
+                },
+                tmp / "optimizer.pt",
+            )
             epoch, batch = divmod(self.step * self.cfg.grad_accum, self.data.batches_per_epoch)
-            trainer = {"step": self.step, "data_position": {"epoch": epoch, "batch_in_epoch": batch},
-                       "config": self.cfg.to_dict()}
+            trainer = {
+                "step": self.step,
+                "data_position": {"epoch": epoch, "batch_in_epoch": batch},
+                "config": self.cfg.to_dict(),
+            }
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
 
         atomic_dir(final, write, replace_existing=True)
@@ -308,16 +178,16 @@ class Trainer:
         return final
 
     def load_checkpoint(self, folder: Path) -> None:
-        from ldm.checkpoint import read_state_dict
-
         meta = json.loads((folder / "trainer.json").read_text())
         saved = meta["config"]
         # a setting added after the checkpoint was written had its default then
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         for name in RESUME_MUST_MATCH:
             if saved.get(name, defaults[name]) != getattr(self.cfg, name):
-                raise ValueError(f"cannot resume from {folder}: {name} was {saved.get(name, defaults[name])!r}, now "
-                                 f"{getattr(self.cfg, name)!r}; use the same setting or a new --output-dir")
+                raise ValueError(
+                    f"cannot resume from {folder}: {name} was {saved.get(name, defaults[name])!r}, now "
+                    f"{getattr(self.cfg, name)!r}; use the same setting or a new --output-dir"
+                )
         weights = read_state_dict(folder / "trainable.safetensors")
         if weights.keys() != self.trainable.keys():
             missing = sorted(set(self.trainable) ^ set(weights))[0]
@@ -343,8 +213,10 @@ class Trainer:
             return found[-1] if found else None  # nothing yet: a fresh start
         folder = Path(r)
         if not (folder / "trainer.json").is_file():
-            raise ValueError(f"--resume {r}: not a checkpoint folder (no trainer.json); pass 'latest' or "
-                             f"{self.out}/checkpoints/step-NNNNNNN")
+            raise ValueError(
+                f"--resume {r}: not a checkpoint folder (no trainer.json); pass 'latest' or "
+                f"{self.out}/checkpoints/step-NNNNNNN"
+            )
         return folder
 
     # ---------------------------------------------------------------- the loop
@@ -362,13 +234,19 @@ class Trainer:
         log = LossLog(self.out / "loss.csv", resumed_step=self.step) if acc.is_main_process else None
         sl = local_slice(c.batch_size, acc.process_index, acc.num_processes)
         batches = self.data.batches(self.step * c.grad_accum, sl)
-        bar = tqdm(total=c.max_steps, initial=self.step, disable=not acc.is_main_process, desc=f"train {c.mode}",
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=c.max_steps,
+            initial=self.step,
+            disable=not acc.is_main_process,
+            desc=f"train {c.mode}",
+            unit="step",
+            dynamic_ncols=True,
+        )
         t_start, samples = time.perf_counter(), 0
         self.wrapped.train()
         end = min(c.max_steps, c.stop_at) if c.stop_at else c.max_steps
         while self.step < end:
-            total = 0.0
+            total = torch.zeros((), device=acc.device)  # the mean loss of this step
             for micro in range(c.grad_accum):
                 batch = next(batches)
                 g = step_generator(c.seed, self.step, micro)
@@ -392,8 +270,8 @@ class Trainer:
                 rate = samples / (time.perf_counter() - t_start)
                 bar.set_postfix(loss=f"{step_loss:.4f}", samples_s=f"{rate:.2f}")
                 bar.update(1)
-                if self.step % c.log_every == 0 or self.step == c.max_steps:
-                    log.write(self.step, step_loss, self.lr_scheduler.get_last_lr()[0], rate)
+                if log is not None and (self.step % c.log_every == 0 or self.step == c.max_steps):
+                    log.write(self.step, step_loss, float(self.lr_scheduler.get_last_lr()[0]), rate)
             if self.step % c.save_every == 0 or self.step == end:
                 acc.wait_for_everyone()
                 self.save_checkpoint()
@@ -404,7 +282,7 @@ class Trainer:
         bar.close()
         acc.wait_for_everyone()
         result = {"step": self.step, "processes": acc.num_processes}
-        if acc.is_main_process:
+        if log is not None:  # the main process
             log.close()
             result["loss_plot"] = str(plot_losses(self.out / "loss.csv", self.out / "loss.png"))
             result.update(self.export())
@@ -478,7 +356,7 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
     if len(losses) >= 10:
         k = max(5, len(losses) // 20)
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"mean of {k}")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

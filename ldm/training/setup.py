@@ -1,5 +1,9 @@
 """What the training loop trains and on what data, for each mode.
 
+`load_dataset(c)` -> the items; `build_models(c, dataset)` -> the mode's models (DiffusionModels or
+VAEModels: trainable parameters, loss, export, validation); `build_data(c, models, dataset)` -> the
+global batches (with latents and text cached when asked). The loop (ldm.training.loop) drives them.
+
 full     fine-tune every U-Net weight of --base (VAE and text encoder frozen)
 lora     LoRA adapters on the U-Net attention projections of --base; base weights untouched
 scratch  a new U-Net (given config) and a new text encoder, trained jointly, on a given VAE
@@ -12,19 +16,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ldm.schedule import NoiseSchedule
-from ldm.text import encode_ids, load_tokenizer, tokenize
-from ldm.training.loop import TrainConfig, diffusion_loss, vae_loss
+from ldm.models.clip import count_chunks, encode_ids, load_tokenizer, tokenize
+from ldm.sampling.schedule import NoiseSchedule
+from ldm.training import data as d
+from ldm.training.config import TrainConfig
+from ldm.training.losses import diffusion_loss, vae_loss
 
 # the text encoder of models trained from scratch when no --text-config is given: small, CLIP-shaped
-DEFAULT_SCRATCH_TEXT = dict(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-                            projection_dim=128)
+DEFAULT_SCRATCH_TEXT: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=128,
+)
 
 
 def _json_or_dict(value, what: str) -> dict:
@@ -55,10 +70,23 @@ class Denoiser(nn.Module):
 
 
 class DiffusionModels:
-    def __init__(self, unet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, train_te: bool, lora: bool,
-                 resolution: int):
+    """U-Net modes (full, lora, scratch). validation_prompts: the prompts of the validation grid."""
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        schedule: NoiseSchedule,
+        train_te: bool,
+        lora: bool,
+        resolution: int,
+        validation_prompts: Sequence[str] = (),
+    ):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule, self.train_te, self.lora, self.resolution = schedule, train_te, lora, resolution
+        self.validation_prompts = list(validation_prompts)
         self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(train_te).train(train_te)
         self.unet.train()
@@ -70,12 +98,9 @@ class DiffusionModels:
     def trained_module(self) -> nn.Module:
         return self._module
 
-    @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE posterior, already in the U-Net's latent scale."""
-        dist = self.vae.model.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
-        s = self.vae.scaling_factor
-        return (dist.mean - self.vae.shift_factor) * s, dist.std * s
+        return d.vae_latent_distribution(self.vae)(pixels)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], num_chunks: int | None = None) -> torch.Tensor:
@@ -84,12 +109,11 @@ class DiffusionModels:
     def loss(self, wrapped, batch: dict, g: torch.Generator, sl: slice, c: TrainConfig) -> torch.Tensor:
         device = next(self.unet.parameters()).device
         if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            mean, std = batch["latent_mean"], batch["latent_std"]
         else:
             mean, std = self.encode_images(batch["pixels"])
         # z ~ N(mean, std^2), drawn for the global batch (process-count independent), then sliced
-        eps = torch.randn((c.batch_size, *mean.shape[1:]), generator=g)[sl].to(device)
-        latents = mean + std * eps
+        latents = d.sample_gaussian(mean.to(device), std.to(device), g, c.batch_size, sl)
         if "context" in batch:
             context, ids = batch["context"].to(device), None
         elif self.train_te:
@@ -103,10 +127,11 @@ class DiffusionModels:
         return diffusion_loss(denoise, self.schedule, latents, g, sl, c.batch_size, c.snr_gamma, c.offset_noise)
 
     def pipeline(self):
-        from ldm.pipeline import Pipeline
+        from ldm.pipelines.pipeline import Pipeline
 
-        pipe = Pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, self.schedule,
-                        (self.resolution, self.resolution))
+        pipe = Pipeline(
+            self.unet, self.vae, self.text_encoder, self.tokenizer, self.schedule, (self.resolution, self.resolution)
+        )
         return pipe
 
     def export(self, out: Path, c: TrainConfig) -> dict:
@@ -114,10 +139,9 @@ class DiffusionModels:
         files = {}
         try:
             if self.lora:
-                from ldm.training.lora import save_lora
+                from ldm.models.lora import save_lora
 
-                files["lora"] = str(save_lora(self.unet, out / "lora.safetensors",
-                                              metadata={"ldm_base": str(c.base)}))
+                files["lora"] = str(save_lora(self.unet, out / "lora.safetensors", metadata={"ldm_base": str(c.base)}))
             else:
                 pipe = self.pipeline()
                 files["model"] = str(pipe.save_single_file(out / "model.safetensors"))
@@ -135,13 +159,18 @@ class DiffusionModels:
         from ldm.training.grid import save_grid
 
         was_training = self.unet.training
-        prompts = self.validation_inputs
+        prompts = self.validation_prompts
         try:
             pipe = self.pipeline()
             images = []
             for i, prompt in enumerate(prompts):
-                images += pipe(prompt, steps=c.validation_steps, guidance_scale=c.validation_guidance,
-                               seed=c.seed + i, progress=False)
+                images += pipe(
+                    prompt,
+                    steps=c.validation_steps,
+                    guidance_scale=c.validation_guidance,
+                    seed=c.seed + i,
+                    progress=False,
+                )
             return str(save_grid(images, path, captions=prompts))
         finally:
             self.unet.train(was_training)
@@ -149,8 +178,18 @@ class DiffusionModels:
 
 
 class VAEModels:
-    def __init__(self, vae, decoder_only: bool = False):
+    """Mode vae. dataset: the training images, to fit the scaling factor at export (not needed with
+    decoder_only); validation_images (n, 3, R, R): the top row of the validation grid."""
+
+    def __init__(
+        self,
+        vae,
+        decoder_only: bool = False,
+        dataset=None,
+        validation_images: torch.Tensor | None = None,
+    ):
         self.vae, self.decoder_only = vae, decoder_only
+        self.dataset, self.validation_images = dataset, validation_images
         self.vae.requires_grad_(True).train()
         if decoder_only:  # the encoder (and so every latent a U-Net was trained on) stays exactly as it is
             self.vae.model.encoder.requires_grad_(False)
@@ -175,8 +214,10 @@ class VAEModels:
         self.vae.eval()
         try:
             idx = range(min(n, len(dataset)))
-            means = [self.vae.model.encode(torch.stack([dataset[i]["pixels"] for i in idx[s:s + 32]])).latent_dist.mean
-                     for s in range(0, len(idx), 32)]
+            means = [
+                self.vae.model.encode(torch.stack([dataset[i]["pixels"] for i in idx[s : s + 32]])).latent_dist.mean
+                for s in range(0, len(idx), 32)
+            ]
             factor = float(1.0 / torch.cat(means).std())
         finally:
             self.vae.train(was)
@@ -185,11 +226,15 @@ class VAEModels:
         return factor
 
     def export(self, out: Path, c: TrainConfig) -> dict:
-        from ldm.checkpoint import save_safetensors
-        from ldm.vae import vae_metadata, vae_to_original_state_dict
+        from ldm.formats.checkpoint import save_safetensors
+        from ldm.models.vae import vae_metadata, vae_to_original_state_dict
 
         # decoder only: the latents are unchanged, and so must be the scale a U-Net was trained with
-        files = {"scaling_factor": self.vae.scaling_factor if self.decoder_only else self.fit_scaling_factor(self.dataset)}
+        if not self.decoder_only and self.dataset is None:
+            raise ValueError("VAEModels.export fits the scaling factor on the data: build it with a dataset")
+        files = {
+            "scaling_factor": self.vae.scaling_factor if self.decoder_only else self.fit_scaling_factor(self.dataset)
+        }
         path = out / "vae.safetensors"
         save_safetensors(vae_to_original_state_dict(self.vae, prefix=""), path, metadata=vae_metadata(self.vae))
         files["vae"] = str(path)
@@ -197,10 +242,12 @@ class VAEModels:
 
     @torch.no_grad()
     def validate(self, path: Path, c: TrainConfig) -> str:
+        from ldm.models.vae import to_pil
         from ldm.training.grid import save_grid
-        from ldm.vae import to_pil
 
-        images = self.validation_inputs  # (n, 3, R, R) data images: top row, reconstructions below
+        images = self.validation_images  # (n, 3, R, R) data images: top row, reconstructions below
+        if images is None:
+            raise ValueError("VAEModels.validate needs validation_images: build it with a dataset")
         was = self.vae.training
         self.vae.eval()
         try:
@@ -210,11 +257,27 @@ class VAEModels:
             self.vae.train(was)
 
 
-def build_models(c: TrainConfig):
+def validation_prompts(c: TrainConfig, dataset=None) -> list[str]:
+    """--validation-prompts, else the first 4 distinct non-empty captions of the data (none without data)."""
+    if c.validation_prompts or dataset is None:
+        return list(c.validation_prompts)
+    captions = getattr(dataset, "captions", None) or [dataset[i]["caption"] for i in range(min(len(dataset), 64))]
+    return [x for x in dict.fromkeys(captions) if x][:4]
+
+
+def validation_images(dataset, n: int = 4) -> torch.Tensor:
+    """The first n items' pixels (n, 3, R, R), as the data gives them before training."""
+    return torch.stack([dataset[i]["pixels"] for i in range(min(n, len(dataset)))])
+
+
+def build_models(c: TrainConfig, dataset=None):
+    """The models of c.mode: VAEModels for vae, else DiffusionModels. dataset (from `load_dataset`):
+    where the validation inputs and the VAE's scaling factor come from; without it the models train
+    and export, but U-Net modes validate on --validation-prompts only and a new VAE cannot export."""
     if c.mode == "vae":
         from diffusers import AutoencoderKL
 
-        from ldm.vae import VAE, load_vae
+        from ldm.models.vae import VAE, load_vae
 
         if c.base:
             vae = load_vae(c.base)
@@ -222,20 +285,27 @@ def build_models(c: TrainConfig):
             torch.manual_seed(c.seed)
             cfg = _json_or_dict(c.vae_config, "vae_config") if c.vae_config else {}
             vae = VAE(AutoencoderKL(**cfg))
-        return VAEModels(vae, c.decoder_only)
+        images = validation_images(dataset) if dataset is not None else None
+        return VAEModels(vae, c.decoder_only, dataset, images)
 
     if c.mode in ("full", "lora"):
-        from ldm.pipeline import Pipeline
+        from ldm.pipelines.pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(c.base, device="cpu", dtype=torch.float32, prediction_type=c.prediction_type)
-        unet, vae, text_encoder, tokenizer, schedule = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.schedule
+        unet, vae, text_encoder, tokenizer, schedule = (
+            pipe.unet,
+            pipe.vae,
+            pipe.text_encoder,
+            pipe.tokenizer,
+            pipe.schedule,
+        )
         if c.vae:  # e.g. a decoder fine-tuned with --mode vae --decoder-only; the export carries it
-            from ldm.vae import load_vae
+            from ldm.models.vae import load_vae
 
             vae = load_vae(c.vae)
         train_te = c.train_text_encoder and c.mode == "full"
         if c.mode == "lora":
-            from ldm.training.lora import add_lora
+            from ldm.models.lora import add_lora
 
             unet.requires_grad_(False)
             torch.manual_seed(c.seed)
@@ -245,8 +315,8 @@ def build_models(c: TrainConfig):
     else:  # scratch
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from ldm.unet import UNet, UNetConfig
-        from ldm.vae import load_vae
+        from ldm.models.unet import UNet, UNetConfig
+        from ldm.models.vae import load_vae
 
         if c.unet_config in ("sd15", "sd21"):
             unet_config = getattr(UNetConfig, c.unet_config)()
@@ -257,8 +327,10 @@ def build_models(c: TrainConfig):
         text_fields = _json_or_dict(c.text_config, "text_config") if c.text_config else DEFAULT_SCRATCH_TEXT
         text_config = CLIPTextConfig(**text_fields)
         if text_config.hidden_size != unet_config.context_dim:
-            raise ValueError(f"text encoder width {text_config.hidden_size} differs from the U-Net context_dim "
-                             f"{unet_config.context_dim}; make them equal")
+            raise ValueError(
+                f"text encoder width {text_config.hidden_size} differs from the U-Net context_dim "
+                f"{unet_config.context_dim}; make them equal"
+            )
         torch.manual_seed(c.seed)  # reproducible initialization
         unet = UNet(unet_config)
         text_encoder = CLIPTextModel(text_config)
@@ -266,24 +338,40 @@ def build_models(c: TrainConfig):
             # distinct words from the start: with CLIP's 0.02 init, words the U-Net cannot use yet
             # (e.g. positions) get no gradient to tell them apart and stay nearly equal
             with torch.no_grad():
-                text_encoder.get_input_embeddings().weight.normal_(0.0, c.text_init_std)
-        vae = load_vae(c.vae or c.base)
+                cast(nn.Embedding, text_encoder.get_input_embeddings()).weight.normal_(0.0, c.text_init_std)
+        source = c.vae or c.base
+        assert source is not None  # TrainConfig requires one of them
+        vae = load_vae(source)
         tokenizer = load_tokenizer()
         schedule = NoiseSchedule(prediction_type=c.prediction_type or "epsilon")
         train_te = not c.freeze_text_encoder
     if c.zero_terminal_snr:
         if schedule.prediction_type != "v_prediction":
-            raise ValueError(f"zero_terminal_snr needs v_prediction (an {schedule.prediction_type} model cannot "
-                             "predict at SNR 0); add --prediction-type v_prediction")
+            raise ValueError(
+                f"zero_terminal_snr needs v_prediction (an {schedule.prediction_type} model cannot "
+                "predict at SNR 0); add --prediction-type v_prediction"
+            )
         schedule = dataclasses.replace(schedule, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     if vae.latent_channels != unet.config.in_channels:  # a --vae that does not fit the U-Net
-        raise ValueError(f"VAE {c.vae or c.base} has {vae.latent_channels} latent channels, the U-Net takes "
-                         f"{unet.config.in_channels}; use a VAE with the U-Net's latent space")
+        raise ValueError(
+            f"VAE {c.vae or c.base} has {vae.latent_channels} latent channels, the U-Net takes "
+            f"{unet.config.in_channels}; use a VAE with the U-Net's latent space"
+        )
     if c.gradient_checkpointing:
         unet.gradient_checkpointing = True
         if train_te:
             text_encoder.gradient_checkpointing_enable()
-    return DiffusionModels(unet, vae, text_encoder, tokenizer, schedule, train_te, c.mode == "lora", c.resolution)
+    return DiffusionModels(
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        schedule,
+        train_te,
+        c.mode == "lora",
+        c.resolution,
+        validation_prompts(c, dataset),
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -298,18 +386,17 @@ class Data:
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
         self.batches_per_epoch = len(dataset) // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {len(dataset)} usable items, fewer than --batch-size {batch_size}; "
-                             "add images or lower the batch size")
+            raise ValueError(
+                f"the dataset has {len(dataset)} usable items, fewer than --batch-size {batch_size}; "
+                "add images or lower the batch size"
+            )
 
-    def epoch_order(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> Sequence[int]:
         n = len(self.dataset)
         if n >= HUGE_DATASET:
             start = epoch * self.batches_per_epoch * self.batch_size
             return range(start % n, start % n + self.batches_per_epoch * self.batch_size)
-        from ldm.training.data import derive_seed
-
-        g = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
-        return torch.randperm(n, generator=g).tolist()
+        return d.epoch_permutation(n, self.seed, epoch)
 
     def batches(self, start_micro: int, sl: slice):
         """Endless local batches, starting at global micro-batch `start_micro` (exact resume)."""
@@ -338,47 +425,47 @@ class _LocalBatches:
     def __iter__(self):
         order, bs = self.data.epoch_order(self.epoch), self.data.batch_size
         for b in range(self.skip, self.data.batches_per_epoch):
-            yield list(order[b * bs:(b + 1) * bs])[self.sl]
+            yield list(order[b * bs : (b + 1) * bs])[self.sl]
 
 
-def load_dataset(c: TrainConfig, main: bool = True):
+def load_dataset(c: TrainConfig, main: bool = True) -> torch.utils.data.Dataset:
     """The training items (scanned and checked: fails fast, before any model is loaded)."""
-    from ldm.training import data as d
-
+    dataset: torch.utils.data.Dataset
     if c.data == "shapes":
-        from ldm.shapes import ShapesDataset
+        from ldm.demo.shapes import ShapesDataset
 
-        dataset = ShapesDataset(seed=c.seed, image_size=c.resolution, p_two=c.shapes_two_objects,
-                                caption_dropout=c.caption_dropout)
+        dataset = ShapesDataset(
+            seed=c.seed, image_size=c.resolution, p_two=c.shapes_two_objects, caption_dropout=c.caption_dropout
+        )
     else:
-        dataset = d.load_training_dataset(c.data, c.resolution, crop="center" if c.center_crop else "random",
-                                          random_flip=c.random_flip, caption_dropout=c.caption_dropout, seed=c.seed)
+        dataset = d.load_training_dataset(
+            c.data,
+            c.resolution,
+            crop="center" if c.center_crop else "random",
+            random_flip=c.random_flip,
+            caption_dropout=c.caption_dropout,
+            seed=c.seed,
+        )
         scan = getattr(dataset, "scan", None)
         if main and scan is not None:
             print(scan.summary())
     return dataset
 
 
-def build_data(c: TrainConfig, models, dataset, main: bool = True) -> Data:
-    from ldm.training import data as d
-
-    if isinstance(models, VAEModels):
-        models.dataset = dataset
-        n = min(4, len(dataset))
-        models.validation_inputs = torch.stack([dataset[i]["pixels"] for i in range(n)])
-        return Data(dataset, c.batch_size, c.seed, c.num_workers)
-
-    captions = getattr(dataset, "captions", None) or [dataset[i]["caption"] for i in range(min(len(dataset), 64))]
-    models.validation_inputs = list(c.validation_prompts) or [x for x in dict.fromkeys(captions) if x][:4]
-    if c.cache:
-        encode_text = None if models.train_te else models.encode_text
-        if encode_text is None:
-            raise ValueError("--cache with a trained text encoder: only latents could be cached; train without "
-                             "--cache or freeze the text encoder")
-        from ldm.text import count_chunks
-
+def build_data(c: TrainConfig, models: DiffusionModels | VAEModels, dataset, main: bool = True) -> Data:
+    """The global batches of `dataset`; with --cache (U-Net modes) its latents and text computed once."""
+    if isinstance(models, DiffusionModels) and c.cache:
+        if models.train_te:
+            raise ValueError(
+                "--cache with a trained text encoder: only latents could be cached; train without "
+                "--cache or freeze the text encoder"
+            )
         k = count_chunks(models.tokenizer, list(dataset.captions))  # one context length for every cached item
-        dataset = d.cache_latents_and_text(dataset, models.encode_images,
-                                           lambda caps: models.encode_text(caps, num_chunks=k), batch_size=8,
-                                           progress=main)
+        dataset = d.cache_latents_and_text(
+            dataset,
+            models.encode_images,
+            lambda caps: models.encode_text(caps, num_chunks=k),
+            batch_size=8,
+            progress=main,
+        )
     return Data(dataset, c.batch_size, c.seed, c.num_workers)

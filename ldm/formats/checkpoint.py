@@ -16,22 +16,24 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ldm.images import new_file_mode
-from ldm.unet import UNet, UNetConfig
+from ldm.formats.atomic import atomic_write
+from ldm.formats.metadata import HF_FORMAT, UNET_CONFIG_KEY, stored_json
+from ldm.models.unet import UNet, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
 SAFETENSORS_SUFFIXES = {".safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -96,40 +98,9 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_dir(final: Path, write, replace_existing: bool = False) -> None:
-    """Write a folder through a temporary sibling (`write(tmp)`), then rename: never a half-written folder.
-    replace_existing: remove a folder already at `final` first (otherwise the rename fails on one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        write(tmp)
-        os.chmod(tmp, new_file_mode(directory=True))
-        if replace_existing and final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # --------------------------------------------------------------------------- U-Net tensors of a single file
@@ -141,7 +112,7 @@ def extract_unet_state_dict(sd: dict[str, torch.Tensor], ema: bool = True, sourc
     The original training code keeps EMA weights as `model_ema.<name without dots>` and uses them
     for sampling; a pruned "emaonly" file already stores them under model.diffusion_model.
     """
-    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    unet = {k[len(UNET_PREFIX) :]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
     if not unet:
         if any(k.startswith(("input_blocks.", "middle_block.")) for k in sd):
             return dict(sd)  # already a bare U-Net state dict
@@ -195,11 +166,19 @@ def detect_unet_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") 
     context_dim = to_k.shape[1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(st) + r"transformer_blocks\.(\d+)\.", k)))
     use_linear = need(st + "proj_in.weight").ndim == 2
-    heads = dict(num_heads=None, head_dim=64) if context_dim >= 1024 else dict(num_heads=8, head_dim=None)
+    num_heads, head_dim = (None, 64) if context_dim >= 1024 else (8, None)
     return UNetConfig(
-        in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-        channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks, attention_levels=tuple(attention_levels),
-        context_dim=context_dim, transformer_depth=depth, use_linear_projection=use_linear, **heads,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        model_channels=model_channels,
+        channel_mult=tuple(channel_mult),
+        num_res_blocks=num_res_blocks,
+        attention_levels=tuple(attention_levels),
+        context_dim=context_dim,
+        transformer_depth=depth,
+        use_linear_projection=use_linear,
+        num_heads=num_heads,
+        head_dim=head_dim,
     )
 
 
@@ -210,10 +189,16 @@ def _prefix_map(c: UNetConfig) -> list[tuple[str, str]]:
     """(CompVis module prefix, diffusers module prefix) pairs; leaf names inside them are shared
     except in ResBlocks (see _RESNET_LEAVES)."""
     nrb, levels = c.num_res_blocks, len(c.channel_mult)
-    pairs = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-             ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-             ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
-             ("middle_block.2.", "mid_block.resnets.1.")]
+    pairs = [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("input_blocks.0.0.", "conv_in."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+        ("middle_block.0.", "mid_block.resnets.0."),
+        ("middle_block.1.", "mid_block.attentions.0."),
+        ("middle_block.2.", "mid_block.resnets.1."),
+    ]
     for level in range(levels):
         for j in range(nrb):
             i = 1 + level * (nrb + 1) + j
@@ -221,7 +206,9 @@ def _prefix_map(c: UNetConfig) -> list[tuple[str, str]]:
             if level in c.attention_levels:
                 pairs.append((f"input_blocks.{i}.1.", f"down_blocks.{level}.attentions.{j}."))
         if level != levels - 1:
-            pairs.append((f"input_blocks.{1 + level * (nrb + 1) + nrb}.0.op.", f"down_blocks.{level}.downsamplers.0.conv."))
+            pairs.append(
+                (f"input_blocks.{1 + level * (nrb + 1) + nrb}.0.op.", f"down_blocks.{level}.downsamplers.0.conv.")
+            )
     for up in range(levels):  # diffusers' up_blocks.0 is the deepest level
         level = levels - 1 - up
         for j in range(nrb + 1):
@@ -235,8 +222,14 @@ def _prefix_map(c: UNetConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-_RESNET_LEAVES = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
-                  "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}
+_RESNET_LEAVES = {
+    "in_layers.0.": "norm1.",
+    "in_layers.2.": "conv1.",
+    "emb_layers.1.": "time_emb_proj.",
+    "out_layers.0.": "norm2.",
+    "out_layers.3.": "conv2.",
+    "skip_connection.": "conv_shortcut.",
+}
 
 
 def diffusers_key_map(config: UNetConfig) -> dict[str, str]:
@@ -248,11 +241,11 @@ def diffusers_key_map(config: UNetConfig) -> dict[str, str]:
     for key in keys:
         for ours, theirs in pairs:
             if key.startswith(ours):
-                rest = key[len(ours):]
+                rest = key[len(ours) :]
                 if ".resnets." in theirs:
                     leaf = next((lf for lf in _RESNET_LEAVES if rest.startswith(lf)), None)
                     assert leaf is not None, key
-                    rest = _RESNET_LEAVES[leaf] + rest[len(leaf):]
+                    rest = _RESNET_LEAVES[leaf] + rest[len(leaf) :]
                 out[key] = theirs + rest
                 break
         else:
@@ -266,12 +259,11 @@ def unet_to_diffusers_state_dict(sd: dict[str, torch.Tensor], config: UNetConfig
     return {kmap[k]: v for k, v in sd.items()}
 
 
-def unet_from_diffusers_state_dict(sd: dict[str, torch.Tensor], config: UNetConfig,
-                                   source: str = "diffusers state dict") -> dict[str, torch.Tensor]:
+def unet_from_diffusers_state_dict(
+    sd: dict[str, torch.Tensor], config: UNetConfig, source: str = "diffusers state dict"
+) -> dict[str, torch.Tensor]:
     inverse = {v: k for k, v in diffusers_key_map(config).items()}
-    unexpected = [k for k in sd if k not in inverse]
-    if unexpected:
-        raise ValueError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) for this U-Net config")
+    check_state_dict(sd, dict.fromkeys(inverse), source)
     return {inverse[k]: v for k, v in sd.items()}
 
 
@@ -283,10 +275,13 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
         "in_channels": c.in_channels,
         "out_channels": c.out_channels,
         "block_out_channels": [c.model_channels * m for m in c.channel_mult],
-        "down_block_types": ["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D"
-                             for i in range(len(c.channel_mult))],
-        "up_block_types": ["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D"
-                           for i in reversed(range(len(c.channel_mult)))],
+        "down_block_types": [
+            "CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in range(len(c.channel_mult))
+        ],
+        "up_block_types": [
+            "CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D"
+            for i in reversed(range(len(c.channel_mult)))
+        ],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "layers_per_block": c.num_res_blocks,
         "cross_attention_dim": c.context_dim,
@@ -311,11 +306,23 @@ def unet_config_from_diffusers(d: dict, source: str = "config.json") -> UNetConf
     mc = blocks[0]
     if any(b % mc for b in blocks):
         raise ValueError(f"{source}: block_out_channels {blocks} are not multiples of the first one")
-    for key, ok in [("center_input_sample", False), ("flip_sin_to_cos", True), ("freq_shift", 0),
-                    ("act_fn", "silu"), ("class_embed_type", None), ("addition_embed_type", None),
-                    ("encoder_hid_dim", None), ("time_embedding_type", "positional"), ("resnet_time_scale_shift", "default"),
-                    ("only_cross_attention", False), ("dual_cross_attention", False), ("conv_in_kernel", 3),
-                    ("conv_out_kernel", 3), ("time_cond_proj_dim", None), ("num_class_embeds", None)]:
+    for key, ok in [
+        ("center_input_sample", False),
+        ("flip_sin_to_cos", True),
+        ("freq_shift", 0),
+        ("act_fn", "silu"),
+        ("class_embed_type", None),
+        ("addition_embed_type", None),
+        ("encoder_hid_dim", None),
+        ("time_embedding_type", "positional"),
+        ("resnet_time_scale_shift", "default"),
+        ("only_cross_attention", False),
+        ("dual_cross_attention", False),
+        ("conv_in_kernel", 3),
+        ("conv_out_kernel", 3),
+        ("time_cond_proj_dim", None),
+        ("num_class_embeds", None),
+    ]:
         val = d.get(key, ok)
         if isinstance(val, list) and key == "only_cross_attention":
             val = any(val)
@@ -341,10 +348,16 @@ def unet_config_from_diffusers(d: dict, source: str = "config.json") -> UNetConf
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
     return UNetConfig(
-        in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=mc,
-        channel_mult=tuple(b // mc for b in blocks), num_res_blocks=d.get("layers_per_block", 2),
-        attention_levels=attention_levels, context_dim=cross, transformer_depth=depth,
-        use_linear_projection=bool(d.get("use_linear_projection", False)), norm_groups=d.get("norm_num_groups", 32),
+        in_channels=d.get("in_channels", 4),
+        out_channels=d.get("out_channels", 4),
+        model_channels=mc,
+        channel_mult=tuple(b // mc for b in blocks),
+        num_res_blocks=d.get("layers_per_block", 2),
+        attention_levels=attention_levels,
+        context_dim=cross,
+        transformer_depth=depth,
+        use_linear_projection=bool(d.get("use_linear_projection", False)),
+        norm_groups=d.get("norm_num_groups", 32),
         **head_args,
     )
 
@@ -356,63 +369,81 @@ def check_state_dict(sd: dict, expected: dict, source: str) -> None:
     """ValueError naming the first missing, unexpected or mis-shaped key (shapes checked when given)."""
     missing = [k for k in expected if k not in sd]
     if missing:
-        raise ValueError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all); "
-                         "the checkpoint is incomplete or for another model type")
+        raise ValueError(
+            f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing in all); "
+            "the checkpoint is incomplete or for another model type"
+        )
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
-        raise ValueError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all); "
-                         "the checkpoint is for another model configuration — pass the right config")
+        raise ValueError(
+            f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all); "
+            "the checkpoint is for another model configuration — pass the right config"
+        )
     for k, shape in expected.items():
         if shape is not None and tuple(sd[k].shape) != tuple(shape):
-            raise ValueError(f"{source}: tensor '{k}' has shape {tuple(sd[k].shape)}, the model expects "
-                             f"{tuple(shape)}; the checkpoint does not match the configuration")
+            raise ValueError(
+                f"{source}: tensor '{k}' has shape {tuple(sd[k].shape)}, the model expects "
+                f"{tuple(shape)}; the checkpoint does not match the configuration"
+            )
 
 
-def build_unet(config: UNetConfig, sd: dict[str, torch.Tensor], source: str,
-               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UNet:
+def build_unet(
+    config: UNetConfig,
+    sd: dict[str, torch.Tensor],
+    source: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> UNet:
     """UNet(config) holding exactly the tensors of `sd` (strict, every shape checked)."""
     with torch.device("meta"):
         unet = UNet(config)
-    check_state_dict(sd, {k: v.shape for k, v in unet.state_dict().items()}, source)
     dtype = dtype or next(iter(sd.values())).dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
-    sd = {k: v.to(device=device or "cpu", dtype=dtype) for k, v in sd.items()}
-    unet.load_state_dict(sd, strict=True, assign=True)
-    return unet.eval()
+    return load_exactly(unet, sd, source, device, dtype).eval()
+
+
+def load_exactly(
+    module: M,
+    sd: dict[str, torch.Tensor],
+    source: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    prefix: str = "",
+) -> M:
+    """Fill `module` (built on the meta device: no random init) with exactly the tensors of `sd`, which are
+    moved to `device` (default cpu) and their floating-point ones cast to `dtype` (default: as stored).
+
+    Strict: check_state_dict first, so a missing, unexpected or mis-shaped tensor is a ValueError naming
+    it. prefix: a start that the module's own parameter names have and the names in `sd` lack.
+    Non-persistent buffers are not in a state dict: the caller fills those.
+    """
+    expected = {k.removeprefix(prefix): v.shape for k, v in module.state_dict().items()}
+    check_state_dict(sd, expected, source)
+    module.load_state_dict(
+        {
+            prefix + k: v.to(device=device or "cpu", dtype=dtype if v.is_floating_point() else None)
+            for k, v in sd.items()
+        },
+        strict=True,
+        assign=True,
+    )
+    return module
 
 
 # --------------------------------------------------------------------------- public entry points
 
 
-def stored_json(path: str | os.PathLike, key: str):
-    """The JSON value that ldm stored under `key` in a safetensors file's metadata, or None
-    (not a safetensors file, unreadable, or no such key)."""
-    path = Path(path)
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError):
-        return None
-    if key not in meta:
-        return None
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: stored {key} metadata is not valid JSON ({e})") from None
-
-
 def stored_unet_config(path: Path) -> UNetConfig | None:
     """The UNetConfig that ldm stores in the metadata of the safetensors files it writes."""
-    d = stored_json(path, "ldm_unet_config")
+    d = stored_json(path, UNET_CONFIG_KEY)
     if d is None:
         return None
     try:
         return UNetConfig.from_dict(d)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: stored ldm_unet_config metadata is invalid ({e})") from None
+        raise ValueError(f"{path}: stored {UNET_CONFIG_KEY} metadata is invalid ({e})") from None
 
 
 def _find_diffusers_folder(path: Path, component: str) -> Path | None:
@@ -431,8 +462,10 @@ def diffusers_component(path: Path, component: str) -> tuple[Path, dict, Path]:
     `path` itself when it is that component's folder."""
     folder = _find_diffusers_folder(path, component)
     if folder is None:
-        raise ValueError(f"{path}: not a diffusers model folder (expected {component}/config.json and "
-                         f"{component}/{DIFFUSERS_WEIGHT_NAMES[0]})")
+        raise ValueError(
+            f"{path}: not a diffusers model folder (expected {component}/config.json and "
+            f"{component}/{DIFFUSERS_WEIGHT_NAMES[0]})"
+        )
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as e:
@@ -441,8 +474,14 @@ def diffusers_component(path: Path, component: str) -> tuple[Path, dict, Path]:
     return folder, cfg, weights
 
 
-def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, *, ema: bool = True,
-              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UNet:
+def load_unet(
+    path: str | os.PathLike,
+    config: UNetConfig | None = None,
+    *,
+    ema: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> UNet:
     """The U-Net of a single-file SD checkpoint or a diffusers folder, in eval mode.
 
     config: overrides the one detected from shapes / read from config.json.
@@ -461,9 +500,15 @@ def load_unet(path: str | os.PathLike, config: UNetConfig | None = None, *, ema:
     return unet_from_single_file(path, read_state_dict(path), config, ema=ema, device=device, dtype=dtype)
 
 
-def unet_from_single_file(path: Path, state_dict: dict[str, torch.Tensor], config: UNetConfig | None = None, *,
-                          ema: bool = True, device: torch.device | str | None = None,
-                          dtype: torch.dtype | None = None) -> UNet:
+def unet_from_single_file(
+    path: Path,
+    state_dict: dict[str, torch.Tensor],
+    config: UNetConfig | None = None,
+    *,
+    ema: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> UNet:
     """The U-Net of a single file whose tensors were already read (`state_dict`, every key of `path`)."""
     sd = extract_unet_state_dict(state_dict, ema=ema, source=str(path))
     config = config or stored_unet_config(path) or detect_unet_config(sd, source=str(path))
@@ -475,9 +520,9 @@ def save_unet_diffusers(unet: UNet, folder: str | os.PathLike) -> Path:
     diffusers' UNet2DConditionModel.from_pretrained(folder)."""
     folder = Path(folder)
     sd = unet_to_diffusers_state_dict(unet.state_dict(), unet.config)
-    save_safetensors(sd, folder / DIFFUSERS_WEIGHT_NAMES[0], metadata={"format": "pt"})
+    save_safetensors(sd, folder / DIFFUSERS_WEIGHT_NAMES[0], metadata=HF_FORMAT)
     cfg = unet_config_to_diffusers(unet.config)
-    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
     return folder
 
 
@@ -485,5 +530,5 @@ def save_unet_single_file(unet: UNet, path: str | os.PathLike, extra: dict[str, 
     """Original layout (`model.diffusion_model.*`), optionally with other tensors (VAE, text encoder)."""
     tensors = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     tensors.update(extra or {})
-    save_safetensors(tensors, path, metadata={"ldm_unet_config": json.dumps(unet.config.to_dict())})
+    save_safetensors(tensors, path, metadata={UNET_CONFIG_KEY: json.dumps(unet.config.to_dict())})
     return Path(path)

@@ -39,11 +39,14 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from ldm.formats.checkpoint import load_exactly
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
 CONTEXT_LENGTH = 77  # CLIP's positions: BOS + 75 tokens + EOS
 CHUNK_TOKENS = CONTEXT_LENGTH - 2
@@ -76,11 +79,13 @@ def load_tokenizer(path: str | Path | None = None, *, pad_token: str | None = No
             f"{folder} has no vocab.json/merges.txt (nor tokenizer.json); pass a diffusers tokenizer/ folder or "
             "None for the shipped files (rebuild them with scripts/make_tokenizer_assets.py)"
         )
-    kwargs = {} if pad_token is None else {"pad_token": pad_token}
+    kwargs: dict[str, Any] = {} if pad_token is None else {"pad_token": pad_token}
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
     if len(tokenizer) < 49408 or tokenizer.bos_token_id != 49406 or tokenizer.eos_token_id != 49407:
-        raise ValueError(f"{folder} is not the CLIP tokenizer (vocab {len(tokenizer)}, "
-                         f"bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id})")
+        raise ValueError(
+            f"{folder} is not the CLIP tokenizer (vocab {len(tokenizer)}, "
+            f"bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id})"
+        )
     return tokenizer
 
 
@@ -143,8 +148,9 @@ class TextEncoder:
 
     def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel):
         if model.config.max_position_embeddings < CONTEXT_LENGTH:
-            raise ValueError(f"text model has {model.config.max_position_embeddings} positions, "
-                             f"{CONTEXT_LENGTH} needed")
+            raise ValueError(
+                f"text model has {model.config.max_position_embeddings} positions, {CONTEXT_LENGTH} needed"
+            )
         self.tokenizer = tokenizer
         self.model = model.eval()
 
@@ -156,8 +162,9 @@ class TextEncoder:
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def encode(self, prompts: Sequence[str], clip_skip: int | None = 1,
-               num_chunks: int | None = None, grad: bool = False) -> torch.Tensor:
+    def encode(
+        self, prompts: Sequence[str], clip_skip: int | None = 1, num_chunks: int | None = None, grad: bool = False
+    ) -> torch.Tensor:
         """Context (B, 77*k, dim); k = num_chunks or what the longest prompt needs.
         grad=True keeps the autograd graph (to train the text encoder)."""
         ids = tokenize(self.tokenizer, prompts, num_chunks)
@@ -199,8 +206,9 @@ def text_encoder_config(kind: str) -> CLIPTextConfig:
     return CLIPTextConfig.from_dict(fields)
 
 
-def load_text_encoder(path: str | Path, *, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32) -> CLIPTextModel:
+def load_text_encoder(
+    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> CLIPTextModel:
     """CLIPTextModel from a diffusers `text_encoder/` folder (or a model folder holding one), offline."""
     folder = Path(path)
     if not (folder / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file():
@@ -216,17 +224,20 @@ def load_text_encoder(path: str | Path, *, device: torch.device | str = "cpu",
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    return model.to(device=device, dtype=dtype).eval()
+    # nn.Module.to itself: PreTrainedModel.to only adds refusals for quantized models (never built here),
+    # and its functools.wraps makes type checkers see an unbound method
+    return torch.nn.Module.to(model, device=device, dtype=dtype).eval()
 
 
 def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
-    """"sd1" or "sd2" from the text-encoder keys of a single-file checkpoint."""
+    """ "sd1" or "sd2" from the text-encoder keys of a single-file checkpoint."""
     if any(k.startswith(SD2_PREFIX) for k in state_dict):
         return "sd2"
     if any(k.startswith(SD1_PREFIX) for k in state_dict):
         return "sd1"
-    raise ValueError(f"no text encoder in this checkpoint: no key starts with {SD1_PREFIX!r} (SD1) "
-                     f"or {SD2_PREFIX!r} (SD2)")
+    raise ValueError(
+        f"no text encoder in this checkpoint: no key starts with {SD1_PREFIX!r} (SD1) or {SD2_PREFIX!r} (SD2)"
+    )
 
 
 def convert_sd1_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -240,7 +251,7 @@ def convert_sd1_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     for key, value in state_dict.items():
         if not key.startswith(SD1_PREFIX):
             continue
-        name = key[len(SD1_PREFIX):].removeprefix("text_model.")
+        name = key[len(SD1_PREFIX) :].removeprefix("text_model.")
         if name == "embeddings.position_ids":
             continue
         if name in out:
@@ -251,11 +262,16 @@ def convert_sd1_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 _OPENCLIP_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _OPENCLIP_BLOCK_MAP = {  # OpenCLIP resblock -> CLIPEncoderLayer
-    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
-    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
-    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
-    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
-    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
 }
 _OPENCLIP_TOP_MAP = {
     "token_embedding.weight": "embeddings.token_embedding.weight",
@@ -279,7 +295,7 @@ def convert_sd2_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int)
     for key, value in state_dict.items():
         if not key.startswith(SD2_PREFIX):
             continue
-        name = key[len(SD2_PREFIX):]
+        name = key[len(SD2_PREFIX) :]
         block = _OPENCLIP_BLOCK.fullmatch(name)
         if name in _OPENCLIP_TOP_MAP:
             out[_OPENCLIP_TOP_MAP[name]] = value
@@ -308,6 +324,66 @@ def convert_sd2_state_dict(state_dict: dict[str, torch.Tensor], num_layers: int)
     return out
 
 
+def text_kind(model: CLIPTextModel) -> str:
+    """ "sd1" or "sd2": the single-file layout a text encoder is written in.
+
+    The two towers differ in their activation: OpenAI CLIP ViT-L/14 (SD1) uses QuickGELU, OpenCLIP
+    ViT-H/14 (SD2) exact GELU; every reader of the OpenCLIP layout (the original code, ComfyUI,
+    AUTOMATIC1111, diffusers) runs it with GELU, and of the SD1 layout with QuickGELU.
+    """
+    return "sd2" if model.config.hidden_act == "gelu" else "sd1"
+
+
+def text_encoder_to_single_file(model: CLIPTextModel, kind: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `model` named as in an original SD single file of that family: SD1
+    `cond_stage_model.transformer.text_model.*`, SD2 `cond_stage_model.model.*` (original_sd2_state_dict).
+    kind: default text_kind(model). Inverse of text_encoder_from_single_file."""
+    kind = text_kind(model) if kind is None else kind
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    weights = {k.removeprefix("text_model."): v.detach() for k, v in model.state_dict().items()}
+    weights.pop("embeddings.position_ids", None)  # arange(77), rebuilt by every reader
+    if kind == "sd2":
+        return original_sd2_state_dict(weights)
+    return {SD1_PREFIX + "text_model." + k: v for k, v in weights.items()}
+
+
+_CLIP_TOP_MAP = {v: k for k, v in _OPENCLIP_TOP_MAP.items()}
+_CLIP_LAYER_MAP = {v: k for k, v in _OPENCLIP_BLOCK_MAP.items()}
+_CLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+_CLIP_QKV = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
+
+
+def original_sd2_state_dict(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModel keys without `text_model.` -> SD2 `cond_stage_model.model.*` (OpenCLIP); the exact
+    inverse of convert_sd2_state_dict. q/k/v_proj are concatenated (q;k;v) into `attn.in_proj_*` as
+    nn.MultiheadAttention holds them. The model has no last resblock, text_projection or logit_scale,
+    so the file has none either: SD2's penultimate-layer context never uses them. Any other key is an error.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in weights.items():
+        layer = _CLIP_LAYER.fullmatch(name)
+        if name in _CLIP_TOP_MAP:
+            out[SD2_PREFIX + _CLIP_TOP_MAP[name]] = value
+            continue
+        if layer is None:
+            raise ValueError(f"{name}: no OpenCLIP (SD2) name for this CLIPTextModel tensor")
+        block = f"{SD2_PREFIX}transformer.resblocks.{layer.group(1)}."
+        rest = layer.group(2)
+        if rest in _CLIP_LAYER_MAP:
+            out[block + _CLIP_LAYER_MAP[rest]] = value
+        elif m := _CLIP_QKV.fullmatch(rest):
+            qkv.setdefault(f"{block}attn.in_proj_{m.group(2)}", {})[m.group(1)] = value
+        else:
+            raise ValueError(f"{name}: no OpenCLIP (SD2) name for this CLIPTextModel tensor")
+    for key, parts in qkv.items():
+        if parts.keys() != {"q", "k", "v"}:
+            raise ValueError(f"{key}: needs q, k and v projections, got only {sorted(parts)}")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # 3 x (W, W) -> (3W, W)
+    return out
+
+
 def text_encoder_from_single_file(
     state_dict: dict[str, torch.Tensor],
     kind: str | None = None,
@@ -333,32 +409,21 @@ def text_encoder_from_single_file(
         weights = convert_sd1_state_dict(state_dict)
     else:
         weights = convert_sd2_state_dict(state_dict, config.num_hidden_layers)
+    source_prefix = SD1_PREFIX if kind == "sd1" else SD2_PREFIX
     if not weights:
-        prefix = SD1_PREFIX if kind == "sd1" else SD2_PREFIX
-        raise ValueError(f"no {kind} text-encoder key (prefix {prefix!r}) in this checkpoint")
+        raise ValueError(f"no {kind} text-encoder key (prefix {source_prefix!r}) in this checkpoint")
 
     with torch.device("meta"):  # no random init of ~100-350M parameters
         model = CLIPTextModel(config)
-    model.to_empty(device=device).to(dtype=dtype)
-    expected = model.state_dict()
-    nested = next(iter(expected)).startswith("text_model.")  # transformers < 5.6
-    source_prefix = SD1_PREFIX if kind == "sd1" else SD2_PREFIX
-    if "embeddings.position_ids" in {k.removeprefix("text_model.") for k in expected}:
+    own = list(model.state_dict())
+    nested = own[0].startswith("text_model.")  # transformers < 5.6
+    if "embeddings.position_ids" in {k.removeprefix("text_model.") for k in own}:  # a persistent buffer
         weights["embeddings.position_ids"] = torch.arange(config.max_position_embeddings).expand(1, -1)
-    names = {("text_model." + k if nested else k): k for k in weights}
-    missing = sorted(set(expected) - set(names))
-    if missing:
-        raise ValueError(f"missing key in the {kind} text encoder: {source_prefix}...{missing[0]}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for name, key in names.items():
-        if name not in expected:
-            raise ValueError(f"unexpected key in the {kind} text encoder: {key} (from {source_prefix}); "
-                             f"does the config match the checkpoint?")
-        if weights[key].shape != expected[name].shape:
-            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(weights[key].shape)}, "
-                             f"model {tuple(expected[name].shape)}; does the config match the checkpoint?")
-    model.load_state_dict({name: weights[key] for name, key in names.items()}, strict=True)
-    # The only non-persistent buffer: position ids, left uninitialised by to_empty.
+    source = f"{kind} text encoder ({source_prefix}*, under CLIPTextModel names)"
+    load_exactly(model, weights, source, device, dtype, prefix="text_model." if nested else "")
+    # Position ids are otherwise a non-persistent buffer, still on the meta device.
     embeddings = getattr(model, "text_model", model).embeddings
-    embeddings.position_ids.copy_(torch.arange(embeddings.position_ids.shape[-1]).expand(1, -1))
+    if embeddings.position_ids.is_meta:
+        ids = torch.arange(config.max_position_embeddings, device=device).expand(1, -1)
+        embeddings.register_buffer("position_ids", ids, persistent=False)
     return model.eval()

@@ -24,15 +24,16 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ldm.checkpoint import check_state_dict, diffusers_component, read_state_dict, stored_json
+from ldm.formats.checkpoint import check_state_dict, diffusers_component, load_exactly, read_state_dict
+from ldm.formats.metadata import VAE_CONFIG_KEY, stored_json
 
 VAE_PREFIX = "first_stage_model."
-VAE_CONFIG_METADATA = "ldm_vae_config"  # safetensors metadata key: the AutoencoderKL config as JSON
 SD_SCALING_FACTOR = 0.18215
 AUTO_TILE_LATENT = 96  # decode(tiled=None) tiles when a latent side exceeds this (images > 768 px for SD)
 _VAE_TOP_LEVEL = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -45,11 +46,21 @@ _IGNORED_TOP_LEVEL = ("loss.", "model_ema.")  # training leftovers in standalone
 def sd_vae_config(**overrides) -> dict:
     """AutoencoderKL config of the Stable Diffusion 1.x / 2.x VAE (kl-f8); keyword arguments override."""
     levels = len(overrides.get("block_out_channels", (128, 256, 512, 512)))
-    cfg = dict(
-        in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-        latent_channels=4, norm_num_groups=32, act_fn="silu", sample_size=512, scaling_factor=SD_SCALING_FACTOR,
-        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-        use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+    cfg: dict[str, Any] = dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        act_fn="silu",
+        sample_size=512,
+        scaling_factor=SD_SCALING_FACTOR,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+        mid_block_add_attention=True,
     )
     cfg.update(overrides)
     cfg["block_out_channels"] = list(cfg["block_out_channels"])
@@ -79,15 +90,20 @@ def detect_vae_config(sd: dict[str, torch.Tensor], layout: str = "original", sou
 
     blocks = [(int(m.group(1)), int(m.group(2))) for k in sd if (m := re.match(block_re, k))]
     if not blocks:
-        raise ValueError(f"{source}: no encoder ResBlock tensors ('{block_name}'); "
-                         f"not an AutoencoderKL in {layout} layout")
+        raise ValueError(
+            f"{source}: no encoder ResBlock tensors ('{block_name}'); not an AutoencoderKL in {layout} layout"
+        )
     levels = 1 + max(i for i, _ in blocks)
     layers = 1 + max(j for i, j in blocks if i == 0)
     widths = [need(block_name.format(i=i, j=0)).shape[0] for i in range(levels)]
     return sd_vae_config(
-        in_channels=need("encoder.conv_in.weight").shape[1], out_channels=need("decoder.conv_out.weight").shape[0],
-        block_out_channels=widths, layers_per_block=layers, latent_channels=need("decoder.conv_in.weight").shape[1],
-        use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd,
+        in_channels=need("encoder.conv_in.weight").shape[1],
+        out_channels=need("decoder.conv_out.weight").shape[0],
+        block_out_channels=widths,
+        layers_per_block=layers,
+        latent_channels=need("decoder.conv_in.weight").shape[1],
+        use_quant_conv="quant_conv.weight" in sd,
+        use_post_quant_conv="post_quant_conv.weight" in sd,
         mid_block_add_attention=attn_key in sd,
     )
 
@@ -97,8 +113,10 @@ def _build_meta(config: dict, source: str):
 
     groups, widths = config.get("norm_num_groups", 32), list(config.get("block_out_channels", ()))
     if any(w % groups for w in widths):
-        raise ValueError(f"{source}: VAE widths {widths} are not divisible by norm_num_groups={groups} (group count "
-                         "cannot be read from shapes); pass config={'norm_num_groups': N}")
+        raise ValueError(
+            f"{source}: VAE widths {widths} are not divisible by norm_num_groups={groups} (group count "
+            "cannot be read from shapes); pass config={'norm_num_groups': N}"
+        )
     try:
         with torch.device("meta"):
             return AutoencoderKL.from_config(config)
@@ -121,10 +139,14 @@ def original_vae_key(key: str, levels: int) -> str:
     k = key.replace("conv_norm_out.", "norm_out.")
     k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
     k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
-               lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", k)
-    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-               lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.", k)
+    k = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", k
+    )
+    k = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+        lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.",
+        k,
+    )
     k = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", k)
     if ".mid_block.attentions.0." in k:
         k = _rename_mid_attention(k, _ATTN_LEAVES, "mid.attn_1")
@@ -136,7 +158,7 @@ def _rename_mid_attention(key: str, leaves: dict[str, str], block: str) -> str:
     head, leaf = key.split(".mid_block.attentions.0.")
     for old, new in leaves.items():
         if leaf.startswith(old):
-            leaf = new + leaf[len(old):]
+            leaf = new + leaf[len(old) :]
             break
     return f"{head}.{block}.{leaf}"
 
@@ -164,7 +186,7 @@ def vae_metadata(vae) -> dict[str, str]:
     (norm groups and scaling factor cannot be read from shapes)."""
     model = vae.model if isinstance(vae, VAE) else vae
     cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    return {VAE_CONFIG_METADATA: json.dumps(cfg)}
+    return {VAE_CONFIG_KEY: json.dumps(cfg)}
 
 
 # --------------------------------------------------------------------------- the module
@@ -202,8 +224,9 @@ class VAE(nn.Module):
         """Image side / latent side (8 for SD)."""
         return 2 ** (len(self.model.config.block_out_channels) - 1)
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
-               sample: bool = True) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+    ) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, 4, H/8, W/8) scaled latents.
 
         sample=True draws z ~ N(mean, std) with `generator` (as diffusers' latent_dist.sample);
@@ -211,8 +234,10 @@ class VAE(nn.Module):
         """
         f = self.downsample_factor
         if images.ndim != 4 or images.shape[1] != self.model.config.in_channels:
-            raise ValueError(f"VAE.encode: expected images (B, {self.model.config.in_channels}, H, W), "
-                             f"got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"VAE.encode: expected images (B, {self.model.config.in_channels}, H, W), "
+                f"got shape {tuple(images.shape)}"
+            )
         if images.shape[-1] % f or images.shape[-2] % f:
             raise ValueError(f"VAE.encode: image size {tuple(images.shape[-2:])} is not a multiple of {f}")
         dist = self.model.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
@@ -227,8 +252,9 @@ class VAE(nn.Module):
         None = tile only when a latent side exceeds AUTO_TILE_LATENT.
         """
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"VAE.decode: expected latents (B, {self.latent_channels}, h, w), "
-                             f"got shape {tuple(latents.shape)}")
+            raise ValueError(
+                f"VAE.decode: expected latents (B, {self.latent_channels}, h, w), got shape {tuple(latents.shape)}"
+            )
         if tiled is None:
             tiled = max(latents.shape[-2:]) > AUTO_TILE_LATENT
         z = latents.to(device=self.device, dtype=self.dtype) / self.scaling_factor + self.shift_factor
@@ -265,7 +291,7 @@ def to_pil(decoded: torch.Tensor) -> list:
 
 
 def _stored_config(path: Path) -> dict | None:
-    return stored_json(path, VAE_CONFIG_METADATA)
+    return stored_json(path, VAE_CONFIG_KEY)
 
 
 def _bare_vae_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
@@ -274,7 +300,7 @@ def _bare_vae_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
     prefix = VAE_PREFIX
     sd = read_state_dict(path, prefix=VAE_PREFIX)
     if sd:
-        sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items()}
+        sd = {k[len(VAE_PREFIX) :]: v for k, v in sd.items()}
     else:
         prefix = ""  # a standalone VAE file: encoder.* / decoder.* at top level
         sd = read_state_dict(path)
@@ -295,29 +321,39 @@ def _bare_vae_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
 
 def _rename_deprecated_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Old diffusers files name the mid attention query/key/value/proj_attn."""
-    return {_rename_mid_attention(k, _DEPRECATED_ATTN, "mid_block.attentions.0")
-            if ".mid_block.attentions.0." in k else k: v for k, v in sd.items()}
+    return {
+        _rename_mid_attention(k, _DEPRECATED_ATTN, "mid_block.attentions.0")
+        if ".mid_block.attentions.0." in k
+        else k: v
+        for k, v in sd.items()
+    }
 
 
-def _build_vae(config: dict, sd: dict[str, torch.Tensor], source: str,
-               device: torch.device | str | None, dtype: torch.dtype | None) -> VAE:
+def _build_vae(
+    config: dict, sd: dict[str, torch.Tensor], source: str, device: torch.device | str | None, dtype: torch.dtype | None
+) -> VAE:
     """AutoencoderKL(config) holding exactly the diffusers-layout tensors of `sd` (strict, shapes checked)."""
     model = _build_meta(config, source)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    sd = {k: (v.reshape(expected[k]) if k in expected and v.ndim == 4 and len(expected[k]) == 2
-              and v.shape[2:] == (1, 1) else v) for k, v in sd.items()}  # 1x1 conv attention -> linear
-    check_state_dict(sd, expected, source)
-    dtype = dtype or torch.float32
-    sd = {k: v.to(device=device or "cpu", dtype=dtype) for k, v in sd.items()}
-    try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:  # check_state_dict makes this unreachable; kept one-line for safety
-        raise ValueError(f"{source}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    sd = {
+        k: (
+            v.reshape(expected[k])
+            if k in expected and v.ndim == 4 and len(expected[k]) == 2 and v.shape[2:] == (1, 1)
+            else v
+        )
+        for k, v in sd.items()
+    }  # 1x1 conv attention -> linear
+    load_exactly(model, sd, source, device, dtype or torch.float32)
     return VAE(model).eval().requires_grad_(False)
 
 
-def load_vae(path: str | os.PathLike, config: dict | None = None, *,
-             device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAE:
+def load_vae(
+    path: str | os.PathLike,
+    config: dict | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> VAE:
     """The VAE of a single-file SD checkpoint, a standalone VAE file or a diffusers folder.
 
     config: AutoencoderKL config entries that override the detected / stored ones
@@ -328,8 +364,10 @@ def load_vae(path: str | os.PathLike, config: dict | None = None, *,
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not found; pass a .safetensors/.ckpt Stable Diffusion checkpoint, "
-                                "a standalone VAE file or a diffusers folder")
+        raise FileNotFoundError(
+            f"{path}: not found; pass a .safetensors/.ckpt Stable Diffusion checkpoint, "
+            "a standalone VAE file or a diffusers folder"
+        )
     if path.is_dir():
         folder, cfg, weights = diffusers_component(path, "vae")
         if cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":

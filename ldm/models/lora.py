@@ -33,6 +33,8 @@ kohya's SDXL spelling) and the diffusers / PEFT layouts. Text-encoder tensors ar
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
@@ -45,11 +47,28 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from ldm.checkpoint import diffusers_key_map, read_state_dict, save_safetensors
-from ldm.unet import UNet
+from ldm.formats.checkpoint import diffusers_key_map, read_state_dict, save_safetensors
+from ldm.formats.metadata import LORA_KEY, UNET_CONFIG_KEY
+from ldm.models.unet import UNet
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+
+
+# A multiplier of every adapter's update for one call (`lora_scale`): per-call state in a context variable,
+# so that threads sharing one model can run at different LoRA strengths. Merged adapters are fixed.
+_CALL_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar("ldm_lora_call_scale", default=1.0)
+
+
+@contextlib.contextmanager
+def lora_scale(multiplier: float):
+    """Inside this block (this thread / task only), every unmerged adapter's update is multiplied by
+    `multiplier` on top of its own `scale` (0 = the base model)."""
+    token = _CALL_SCALE.set(float(multiplier))
+    try:
+        yield
+    finally:
+        _CALL_SCALE.reset(token)
 
 
 class LoRALinear(nn.Module):
@@ -58,10 +77,16 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int = 4, alpha: float | None = None, dropout: float = 0.0):
         super().__init__()
         if isinstance(base, nn.Conv2d):
-            if base.kernel_size != (1, 1) or base.stride != (1, 1) or base.padding not in ((0, 0), "valid") \
-                    or base.dilation != (1, 1) or base.groups != 1:
-                raise ValueError(f"LoRALinear: only 1x1 convolutions can be adapted, got {base}; "
-                                 "conv LoRA (LoCon) is not supported")
+            if (
+                base.kernel_size != (1, 1)
+                or base.stride != (1, 1)
+                or base.padding not in ((0, 0), "valid")
+                or base.dilation != (1, 1)
+                or base.groups != 1
+            ):
+                raise ValueError(
+                    f"LoRALinear: only 1x1 convolutions can be adapted, got {base}; conv LoRA (LoCon) is not supported"
+                )
             in_f, out_f = base.in_channels, base.out_channels
         elif isinstance(base, nn.Linear):
             in_f, out_f = base.in_features, base.out_features
@@ -78,8 +103,13 @@ class LoRALinear(nn.Module):
         self.weight = base.weight.requires_grad_(False)
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
         self.dropout = nn.Dropout(dropout)
-        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        layer = (lambda i, o: nn.Conv2d(i, o, 1, **kw)) if self.is_conv else (lambda i, o: nn.Linear(i, o, **kw))
+        device, dtype = base.weight.device, base.weight.dtype
+
+        def layer(i: int, o: int) -> nn.Linear | nn.Conv2d:
+            if self.is_conv:
+                return nn.Conv2d(i, o, 1, bias=False, device=device, dtype=dtype)
+            return nn.Linear(i, o, bias=False, device=device, dtype=dtype)
+
         self.lora_down = layer(in_f, rank)  # A
         self.lora_up = layer(rank, out_f)  # B
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as nn.Linear, kohya and PEFT
@@ -87,7 +117,7 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank * self.scale
+        return self.alpha / self.rank * self.scale * _CALL_SCALE.get()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.weight, self.bias) if self.is_conv else F.linear(x, self.weight, self.bias)
@@ -103,13 +133,18 @@ class LoRALinear(nn.Module):
     def to_base(self) -> nn.Linear | nn.Conv2d:
         """A plain layer holding this one's weight and bias Parameters (the adapter is dropped)."""
         with torch.device("meta"):
-            layer = (nn.Conv2d(self.in_features, self.out_features, 1, bias=self.bias is not None) if self.is_conv
-                     else nn.Linear(self.in_features, self.out_features, bias=self.bias is not None))
+            layer = (
+                nn.Conv2d(self.in_features, self.out_features, 1, bias=self.bias is not None)
+                if self.is_conv
+                else nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            )
         layer.weight, layer.bias = self.weight, self.bias
         return layer
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
+        return (
+            f"{self.in_features} -> {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
+        )
 
 
 # --------------------------------------------------------------------------- adding, scaling, merging
@@ -120,7 +155,7 @@ def lora_modules(unet: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [p for m in lora_modules(unet).values() for p in (m.lora_down.weight, m.lora_up.weight)]
+    return [p for m in lora_modules(unet).values() for p in (*m.lora_down.parameters(), *m.lora_up.parameters())]
 
 
 def base_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -133,8 +168,14 @@ def _replace(unet: nn.Module, name: str, module: nn.Module) -> None:
     setattr(unet.get_submodule(parent) if parent else unet, child, module)
 
 
-def add_lora(unet: UNet, rank: int = 4, alpha: float | None = None, targets: tuple[str, ...] = ATTENTION_TARGETS,
-             dropout: float = 0.0, include_proj: bool = False) -> list[nn.Parameter]:
+def add_lora(
+    unet: UNet,
+    rank: int = 4,
+    alpha: float | None = None,
+    targets: tuple[str, ...] = ATTENTION_TARGETS,
+    dropout: float = 0.0,
+    include_proj: bool = False,
+) -> list[nn.Parameter]:
     """Wrap every layer whose name ends with one of `targets` (e.g. "to_q", "to_out.0", "ff.net.2") in a
     LoRALinear; include_proj adds the transformers' proj_in / proj_out (1x1 convs in SD1, Linear in SD2).
 
@@ -149,14 +190,18 @@ def add_lora(unet: UNet, rank: int = 4, alpha: float | None = None, targets: tup
     chosen = {t: [n for n, _ in unet.named_modules() if n == t or n.endswith("." + t)] for t in targets}
     unmatched = [t for t, names in chosen.items() if not names]
     if unmatched:
-        raise ValueError(f"add_lora: no layer of the U-Net is named '{unmatched[0]}'; targets are name suffixes "
-                         "such as 'to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2', 'proj_in'")
+        raise ValueError(
+            f"add_lora: no layer of the U-Net is named '{unmatched[0]}'; targets are name suffixes "
+            "such as 'to_q', 'to_k', 'to_v', 'to_out.0', 'ff.net.0.proj', 'ff.net.2', 'proj_in'"
+        )
     adapters = {}
     for name in sorted({n for names in chosen.values() for n in names}):
         layer = unet.get_submodule(name)
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"add_lora: '{name}' is a {type(layer).__name__}; only Linear and 1x1 Conv2d layers "
-                             "can take a LoRA adapter")
+            raise ValueError(
+                f"add_lora: '{name}' is a {type(layer).__name__}; only Linear and 1x1 Conv2d layers "
+                "can take a LoRA adapter"
+            )
         adapters[name] = LoRALinear(layer, rank, alpha, dropout)  # raises before anything changed
     unet.requires_grad_(False)
     for name, adapter in adapters.items():
@@ -197,8 +242,9 @@ def merge_lora(unet: nn.Module) -> None:
 
 def _short_target(name: str) -> str:
     """input_blocks.1.1.transformer_blocks.0.attn1.to_q -> to_q (the part add_lora's `targets` name)."""
-    return re.sub(r"^(input_blocks|middle_block|output_blocks)(\.\d+)*\.(transformer_blocks\.\d+\.)?(attn[12]\.)?",
-                  "", name)
+    return re.sub(
+        r"^(input_blocks|middle_block|output_blocks)(\.\d+)*\.(transformer_blocks\.\d+\.)?(attn[12]\.)?", "", name
+    )
 
 
 def _diffusers_module_names(unet: UNet) -> dict[str, str]:
@@ -211,8 +257,9 @@ def _diffusers_module_names(unet: UNet) -> dict[str, str]:
     return out
 
 
-def save_lora(unet: UNet, path: str | os.PathLike, metadata: dict | None = None,
-              base_model_hash: str | None = None) -> Path:
+def save_lora(
+    unet: UNet, path: str | os.PathLike, metadata: dict | None = None, base_model_hash: str | None = None
+) -> Path:
     """Write the adapters as a small safetensors file in the kohya-ss / AUTOMATIC1111 layout, atomically.
 
     Keys: `lora_unet_<diffusers module path with dots -> underscores>.lora_down.weight`, `.lora_up.weight`
@@ -232,13 +279,20 @@ def save_lora(unet: UNet, path: str | os.PathLike, metadata: dict | None = None,
         tensors[key + ".alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
     ranks = {m.rank for m in modules.values()}
     alphas = {m.alpha for m in modules.values()}
-    record = {"rank": ranks.pop() if len(ranks) == 1 else "Dynamic",
-              "alpha": alphas.pop() if len(alphas) == 1 else "Dynamic",
-              "targets": sorted({_short_target(n) for n in modules}), "modules": len(modules),
-              "layout": "kohya-ss: lora_unet_<diffusers module path>.lora_down/lora_up/alpha"}
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(record["rank"]),
-            "ss_network_alpha": str(record["alpha"]), "ldm_lora": json.dumps(record),
-            "ldm_unet_config": json.dumps(unet.config.to_dict())}
+    record = {
+        "rank": ranks.pop() if len(ranks) == 1 else "Dynamic",
+        "alpha": alphas.pop() if len(alphas) == 1 else "Dynamic",
+        "targets": sorted({_short_target(n) for n in modules}),
+        "modules": len(modules),
+        "layout": "kohya-ss: lora_unet_<diffusers module path>.lora_down/lora_up/alpha",
+    }
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(record["rank"]),
+        "ss_network_alpha": str(record["alpha"]),
+        LORA_KEY: json.dumps(record),
+        UNET_CONFIG_KEY: json.dumps(unet.config.to_dict()),
+    }
     if base_model_hash:
         meta["ss_new_sd_model_hash"] = base_model_hash
     for k, v in (metadata or {}).items():
@@ -247,15 +301,26 @@ def save_lora(unet: UNet, path: str | os.PathLike, metadata: dict | None = None,
     return Path(path)
 
 
-_UNSUPPORTED = [("hada_", "LoHa (LyCORIS)"), ("lokr_", "LoKr (LyCORIS)"), ("lora_mid", "LoCon with a Tucker core"),
-                ("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("lora_B.bias", "LoRA with a bias"),
-                (".diff", "a full weight difference")]
-_PART = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|"
-                   r"lora\.down\.weight|lora\.up\.weight|alpha)$")
+_UNSUPPORTED = [
+    ("hada_", "LoHa (LyCORIS)"),
+    ("lokr_", "LoKr (LyCORIS)"),
+    ("lora_mid", "LoCon with a Tucker core"),
+    ("dora_scale", "DoRA"),
+    ("lora_magnitude_vector", "DoRA"),
+    ("lora_B.bias", "LoRA with a bias"),
+    (".diff", "a full weight difference"),
+]
+_PART = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|"
+    r"lora\.down\.weight|lora\.up\.weight|alpha)$"
+)
 
 
 def _normalize_key(key: str) -> str:
-    """Old diffusers attention-processor names -> module names: attn1.processor.to_out_lora.down -> attn1.to_out.0.lora.down."""
+    """Old diffusers attention-processor names -> module names.
+
+    attn1.processor.to_out_lora.down -> attn1.to_out.0.lora.down
+    """
     key = re.sub(r"\.processor\.to_(q|k|v)_lora\.", r".to_\1.lora.", key)
     return key.replace(".processor.to_out_lora.", ".to_out.0.lora.")
 
@@ -286,24 +351,34 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
     """
     path = Path(path)
     sd = read_state_dict(path)
-    file_meta = {}
+    file_meta: dict[str, str] = {}
     if path.suffix.lower() == ".safetensors":
         with safe_open(str(path), framework="pt", device="cpu") as f:
             file_meta = f.metadata() or {}
 
     text_keys = [k for k in sd if k.startswith(TEXT_ENCODER_PREFIXES)]
     if text_keys:
-        warnings.warn(f"{path}: skipped {len(text_keys)} text-encoder LoRA tensors (e.g. '{text_keys[0]}'); only "
-                      "the U-Net part of a LoRA is applied — text-encoder LoRA is not supported", stacklevel=2)
+        warnings.warn(
+            f"{path}: skipped {len(text_keys)} text-encoder LoRA tensors (e.g. '{text_keys[0]}'); only "
+            "the U-Net part of a LoRA is applied — text-encoder LoRA is not supported",
+            stacklevel=2,
+        )
 
     names = _diffusers_module_names(unet)
-    layer_of = {}  # every name a file may use for a layer -> our name
+    layer_of: dict[str, str] = {}  # every name a file may use for a layer -> our name
     for ours, theirs in names.items():
-        for alias in ("lora_unet_" + theirs.replace(".", "_"), "lora_unet_" + ours.replace(".", "_"),
-                      theirs, "unet." + theirs):
+        for alias in (
+            "lora_unet_" + theirs.replace(".", "_"),
+            "lora_unet_" + ours.replace(".", "_"),
+            theirs,
+            "unet." + theirs,
+        ):
             assert layer_of.setdefault(alias, ours) == ours, alias
-    example = "lora_unet_" + next((n for n in names.values() if n.endswith("attn1.to_q")),
-                                  next(iter(names.values()))).replace(".", "_") + ".lora_down.weight"
+    example = (
+        "lora_unet_"
+        + next((n for n in names.values() if n.endswith("attn1.to_q")), next(iter(names.values()))).replace(".", "_")
+        + ".lora_down.weight"
+    )
 
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in sd.items():
@@ -312,21 +387,25 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
         if m := _PART.match(_normalize_key(key)):
             layer = layer_of.get(m["module"])
             if layer is None:
-                raise ValueError(f"{path}: tensor '{key}' names no layer of this U-Net (our files use keys like "
-                                 f"'{example}'); the LoRA is for another model (SDXL?) or configuration")
+                raise ValueError(
+                    f"{path}: tensor '{key}' names no layer of this U-Net (our files use keys like "
+                    f"'{example}'); the LoRA is for another model (SDXL?) or configuration"
+                )
             role = "alpha" if m["part"] == "alpha" else "down" if "down" in m["part"] or "_A" in m["part"] else "up"
             parts.setdefault(layer, {})[role] = (key, t)
             continue
         kind = next((what for marker, what in _UNSUPPORTED if marker in key), None)
         if kind:
-            raise ValueError(f"{path}: tensor '{key}' belongs to {kind}, which is not supported; only plain LoRA "
-                             "(lora_down/lora_up) on Linear and 1x1-conv layers is")
+            raise ValueError(
+                f"{path}: tensor '{key}' belongs to {kind}, which is not supported; only plain LoRA "
+                "(lora_down/lora_up) on Linear and 1x1-conv layers is"
+            )
         raise ValueError(f"{path}: unknown tensor '{key}'; expected LoRA keys like '{example}'")
     if not parts:
         raise ValueError(f"{path}: no U-Net LoRA tensors found" + (" (only text-encoder ones)" if text_keys else ""))
 
     peft_alpha, alpha_pattern = _peft_alphas(file_meta)
-    plan = []
+    plan: list[tuple[str, nn.Linear | nn.Conv2d | LoRALinear, int, float, torch.Tensor, torch.Tensor]] = []
     for layer, p in parts.items():
         for role in ("down", "up"):
             if role not in p:
@@ -334,29 +413,40 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
                 raise ValueError(f"{path}: '{other}' has no matching {role} tensor for layer '{names[layer]}'")
         (down_key, down), (up_key, up) = p["down"], p["up"]
         target = unet.get_submodule(layer)
-        if (isinstance(target, nn.Conv2d) and target.kernel_size != (1, 1)) or (down.ndim == 4 and down.shape[2:] != (1, 1)):
-            raise ValueError(f"{path}: tensor '{down_key}' is a LoRA for the convolution '{names[layer]}' with kernel "
-                             f"{tuple(down.shape[2:]) if down.ndim == 4 else target.kernel_size} (conv LoRA / LoCon): "
-                             "not supported; only Linear and 1x1-conv layers can be adapted")
+        assert isinstance(target, (nn.Linear, nn.Conv2d, LoRALinear)), layer  # layer_of lists only those
+        if (isinstance(target, nn.Conv2d) and target.kernel_size != (1, 1)) or (
+            down.ndim == 4 and down.shape[2:] != (1, 1)
+        ):
+            raise ValueError(
+                f"{path}: tensor '{down_key}' is a LoRA for the convolution '{names[layer]}' with kernel "
+                f"{tuple(down.shape[2:]) if down.ndim == 4 else target.kernel_size} (conv LoRA / LoCon): "
+                "not supported; only Linear and 1x1-conv layers can be adapted"
+            )
         out_f, in_f = target.weight.shape[:2]
         rank = down.shape[0] if down.ndim else 0
         for key, t, want in ((down_key, down, (rank, in_f)), (up_key, up, (out_f, rank))):
             if t.ndim not in (2, 4) or tuple(t.flatten(1).shape) != want:  # a 1x1 conv's (r, in, 1, 1) is (r, in)
-                raise ValueError(f"{path}: tensor '{key}' has shape {tuple(t.shape)}; layer '{names[layer]}' "
-                                 f"({in_f} -> {out_f} features, rank {rank}) needs {want}")
+                raise ValueError(
+                    f"{path}: tensor '{key}' has shape {tuple(t.shape)}; layer '{names[layer]}' "
+                    f"({in_f} -> {out_f} features, rank {rank}) needs {want}"
+                )
         down, up = down.flatten(1), up.flatten(1)
         if "alpha" in p:
             alpha = float(p["alpha"][1])
         else:
-            alpha = next((float(v) for k, v in alpha_pattern.items() if names[layer].endswith(k.lstrip("^"))),
-                         float(peft_alpha) if peft_alpha is not None else float(rank))
+            alpha = next(
+                (float(v) for k, v in alpha_pattern.items() if names[layer].endswith(k.lstrip("^"))),
+                float(peft_alpha) if peft_alpha is not None else float(rank),
+            )
         plan.append((layer, target, rank, alpha, down, up))
 
     if not merge:
         taken = [layer for layer, target, *_ in plan if isinstance(target, LoRALinear)]
         if taken:
-            raise ValueError(f"{path}: layer '{taken[0]}' already has a LoRA adapter; call merge_lora or remove_lora "
-                             "first, or load with merge=True")
+            raise ValueError(
+                f"{path}: layer '{taken[0]}' already has a LoRA adapter; call merge_lora or remove_lora "
+                "first, or load with merge=True"
+            )
         unet.requires_grad_(False)
     for layer, target, rank, alpha, down, up in plan:
         if merge:
@@ -364,6 +454,7 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
             delta = (scale * alpha / rank) * (up.to(w.device, torch.float32) @ down.to(w.device, torch.float32))
             w += delta.view(w.shape).to(w.dtype)  # (out, rank) @ (rank, in) -> (out, in)
         else:
+            assert not isinstance(target, LoRALinear)  # refused above
             adapter = LoRALinear(target, rank, alpha)
             adapter.lora_down.weight.copy_(down.view(adapter.lora_down.weight.shape))
             adapter.lora_up.weight.copy_(up.view(adapter.lora_up.weight.shape))

@@ -43,8 +43,13 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 SIZE_FRACTIONS = {"small": 1 / 5, "large": 1 / 2}  # box side / image side
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
-POSITION_CENTERS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
-                    "bottom right": (0.75, 0.75), "center": (0.5, 0.5)}  # (x, y) / image side
+POSITION_CENTERS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "center": (0.5, 0.5),
+}  # (x, y) / image side
 POSITION_PHRASES = {p: ("in the center" if p == "center" else f"at the {p}") for p in POSITIONS}
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 HELD_OUT = frozenset({("purple", "triangle"), ("orange", "circle"), ("green", "square")})  # (color, shape)
@@ -54,12 +59,12 @@ OPTIONAL_PARTS = ("size", "position", "background")  # what a one-object caption
 
 # analyzer constants (documented in `analyze`)
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background above which a pixel is foreground
-SQUARE_MIN_FILL = 0.85      # fill ratio of the bounding box: square ~1.0 (0.98 after the 3x3 mean) ...
-CIRCLE_MIN_FILL = 0.68      # ... circle ~pi/4 = 0.785 (0.79-0.81 on the grid), triangle ~0.5 (0.53-0.60)
-TRIANGLE_MAX_TOP = 0.40     # share of the area above the box's middle: 1/4 for an upright triangle, 1/2 otherwise
-LARGE_MIN_WIDTH = 0.35      # box side / image side: small 0.2, large 0.5
-CENTER_ZONE = 1 / 8         # |dx| and |dy| from the image center below S/8: "center"
-RELATION_MARGIN = 1 / 16    # centers must differ by more than S/16 along the relation's axis
+SQUARE_MIN_FILL = 0.85  # fill ratio of the bounding box: square ~1.0 (0.98 after the 3x3 mean) ...
+CIRCLE_MIN_FILL = 0.68  # ... circle ~pi/4 = 0.785 (0.79-0.81 on the grid), triangle ~0.5 (0.53-0.60)
+TRIANGLE_MAX_TOP = 0.40  # share of the area above the box's middle: 1/4 for an upright triangle, 1/2 otherwise
+LARGE_MIN_WIDTH = 0.35  # box side / image side: small 0.2, large 0.5
+CENTER_ZONE = 1 / 8  # |dx| and |dy| from the image center below S/8: "center"
+RELATION_MARGIN = 1 / 16  # centers must differ by more than S/16 along the relation's axis
 
 
 def size_px(size: str, image_size: int = 64) -> int:
@@ -74,10 +79,10 @@ def size_px(size: str, image_size: int = 64) -> int:
 class SceneObject:
     shape: str
     color: str
-    size: str                      # "small" | "large"
-    center: tuple[float, float]    # (x, y) of the box center, in pixels
-    size_px: int                   # box side in pixels (width == height for every shape)
-    position: str | None = None    # named position, None for the objects of a two-object scene
+    size: str  # "small" | "large"
+    center: tuple[float, float]  # (x, y) of the box center, in pixels
+    size_px: int  # box side in pixels (width == height for every shape)
+    position: str | None = None  # named position, None for the objects of a two-object scene
 
     def box(self, scale: float = 1.0) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), end exclusive, on the pixel grid."""
@@ -92,13 +97,12 @@ class Scene:
     objects: list[SceneObject]
     background: str
     caption: str
-    stated: frozenset[str] = frozenset()   # optional attributes the caption states: size, position, background
-    relation: str | None = None            # two objects: objects[0] <relation> objects[1]
+    stated: frozenset[str] = frozenset()  # optional attributes the caption states: size, position, background
+    relation: str | None = None  # two objects: objects[0] <relation> objects[1]
     image_size: int = 64
 
 
-def caption_for(objects: list[SceneObject], background: str, relation: str | None = None,
-                stated=OPTIONAL_PARTS) -> str:
+def caption_for(objects: list[SceneObject], background: str, relation: str | None = None, stated=OPTIONAL_PARTS) -> str:
     """The grammar's caption of a scene, stating the optional parts in `stated` (size, position, background)."""
     tail = f" on a {background} background" if "background" in stated else ""
     if relation is not None:
@@ -106,12 +110,13 @@ def caption_for(objects: list[SceneObject], background: str, relation: str | Non
         return f"a {a.color} {a.shape} {relation} a {b.color} {b.shape}{tail}"
     (o,) = objects
     size = f"{o.size} " if "size" in stated else ""
-    where = f" {POSITION_PHRASES[o.position]}" if "position" in stated else ""
+    where = f" {POSITION_PHRASES[o.position]}" if "position" in stated and o.position is not None else ""
     return f"a {size}{o.color} {o.shape}{where}{tail}"
 
 
-def single_scene(shape: str, color: str, size: str, position: str, background: str, stated=OPTIONAL_PARTS,
-                 image_size: int = 64) -> Scene:
+def single_scene(
+    shape: str, color: str, size: str, position: str, background: str, stated=OPTIONAL_PARTS, image_size: int = 64
+) -> Scene:
     """One object at a named position."""
     fx, fy = POSITION_CENTERS[position]
     obj = SceneObject(shape, color, size, (fx * image_size, fy * image_size), size_px(size, image_size), position)
@@ -119,21 +124,32 @@ def single_scene(shape: str, color: str, size: str, position: str, background: s
     return Scene([obj], background, caption_for([obj], background, None, stated), stated, None, image_size)
 
 
-def pair_scene(rng: np.random.Generator, a: tuple[str, str], relation: str, b: tuple[str, str], background: str,
-               stated=("background",), image_size: int = 64) -> Scene:
+def pair_scene(
+    rng: np.random.Generator,
+    a: tuple[str, str],
+    relation: str,
+    b: tuple[str, str],
+    background: str,
+    stated=("background",),
+    image_size: int = 64,
+) -> Scene:
     """Two small objects, a = (color, shape) <relation> b: side by side in a random row ("left of" / "right of")
     or one above the other in a random column ("above" / "below"), at least half a box apart."""
     if a[0] == b[0]:
         raise ValueError(f"the two objects of a scene must have different colors, got {a[0]} twice")
     s = size_px("small", image_size)
     margin = max(1, image_size // 32)
-    lo, hi = margin + s / 2, image_size - margin - s / 2       # range of a box center
-    across = rng.uniform(lo, hi)                               # the shared row (or column)
-    gap = rng.uniform(1.5 * s, hi - lo)                        # distance between the centers along the axis
+    lo, hi = margin + s / 2, image_size - margin - s / 2  # range of a box center
+    across = rng.uniform(lo, hi)  # the shared row (or column)
+    gap = rng.uniform(1.5 * s, hi - lo)  # distance between the centers along the axis
     first = rng.uniform(lo, hi - gap)
     second = first + gap
-    along = {"to the left of": (first, second), "to the right of": (second, first),
-             "above": (first, second), "below": (second, first)}[relation]
+    along = {
+        "to the left of": (first, second),
+        "to the right of": (second, first),
+        "above": (first, second),
+        "below": (second, first),
+    }[relation]
     horizontal = relation in ("to the left of", "to the right of")
     objs = []
     for (color, shape), t in zip((a, b), along):
@@ -143,8 +159,9 @@ def pair_scene(rng: np.random.Generator, a: tuple[str, str], relation: str, b: t
     return Scene(objs, background, caption_for(objs, background, relation, stated), stated, relation, image_size)
 
 
-def sample_scene(rng: np.random.Generator, train: bool = True, p_two: float = 0.3, p_drop: float = 0.3,
-                 image_size: int = 64) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, train: bool = True, p_two: float = 0.3, p_drop: float = 0.3, image_size: int = 64
+) -> Scene:
     """A random scene and its caption. Each optional caption part is dropped with probability p_drop (the
     attribute is still drawn at random). train=True never uses a HELD_OUT (color, shape) pair."""
     pairs = SEEN_PAIRS if train else ALL_PAIRS
@@ -154,7 +171,7 @@ def sample_scene(rng: np.random.Generator, train: bool = True, p_two: float = 0.
         b_choices = [p for p in pairs if p[0] != a[0]]
         b = b_choices[rng.integers(len(b_choices))]
         relation = RELATIONS[rng.integers(len(RELATIONS))]
-        stated = ("background",) if rng.random() >= p_drop else ()
+        stated: tuple[str, ...] = ("background",) if rng.random() >= p_drop else ()
         return pair_scene(rng, a, relation, b, background, stated, image_size)
     color, shape = pairs[rng.integers(len(pairs))]
     size = SIZES[rng.integers(len(SIZES))]
@@ -204,13 +221,14 @@ TWO_OBJECT_RE = re.compile(rf"a ({_C}) ({_S}) ({_R}) a ({_C}) ({_S})(?: on a ({_
 class ObjectSpec:
     color: str
     shape: str
-    size: str | None = None       # None: not stated
+    size: str | None = None  # None: not stated
     position: str | None = None
 
 
 @dataclass(frozen=True)
 class PromptSpec:
     """What a caption asks for; unstated attributes are None."""
+
     objects: tuple[ObjectSpec, ...]
     relation: str | None = None
     background: str | None = None
@@ -226,9 +244,11 @@ def parse_caption(caption: str) -> PromptSpec:
     if m := TWO_OBJECT_RE.fullmatch(text):
         c1, s1, relation, c2, s2, bg = m.groups()
         return PromptSpec((ObjectSpec(c1, s1, "small"), ObjectSpec(c2, s2, "small")), relation, bg)
-    raise ValueError(f"{caption!r} is not a shapes caption: expected 'a [small|large] <color> <shape> "
-                     "[at the top left|...|in the center] [on a <background> background]' or "
-                     "'a <color> <shape> <to the left of|to the right of|above|below> a <color> <shape> [...]'")
+    raise ValueError(
+        f"{caption!r} is not a shapes caption: expected 'a [small|large] <color> <shape> "
+        "[at the top left|...|in the center] [on a <background> background]' or "
+        "'a <color> <shape> <to the left of|to the right of|above|below> a <color> <shape> [...]'"
+    )
 
 
 def scene_from_caption(caption: str, rng: np.random.Generator, image_size: int = 64) -> Scene:
@@ -255,8 +275,16 @@ class ShapesDataset(torch.utils.data.Dataset):
     caption_dropout: probability that item i's caption is empty (drawn from its own stream, so the scenes
     do not change with it); the unconditional half of classifier-free guidance is learned from those."""
 
-    def __init__(self, n: int = 10**9, seed: int = 0, image_size: int = 64, train: bool = True, p_two: float = 0.3,
-                 p_drop: float = 0.3, caption_dropout: float = 0.0):
+    def __init__(
+        self,
+        n: int = 10**9,
+        seed: int = 0,
+        image_size: int = 64,
+        train: bool = True,
+        p_two: float = 0.3,
+        p_drop: float = 0.3,
+        caption_dropout: float = 0.0,
+    ):
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not 0.0 <= caption_dropout <= 1.0:
@@ -285,16 +313,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 @dataclass
 class DetectedObject:
-    color: str                       # nearest palette color of the component's core pixels
+    color: str  # nearest palette color of the component's core pixels
     shape: str
     size: str
     position: str
-    center: tuple[float, float]      # (x, y) of the bounding box center, pixels
+    center: tuple[float, float]  # (x, y) of the bounding box center, pixels
     centroid: tuple[float, float]
-    box: tuple[int, int, int, int]   # (x0, y0, x1, y1), end exclusive
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
     area: int
-    fill: float                      # area / box area
-    top: float                       # share of the area above the box's middle
+    fill: float  # area / box area
+    top: float  # share of the area above the box's middle
     rgb: tuple[float, float, float]  # measured color
 
 
@@ -308,12 +336,12 @@ def estimate_background(image: np.ndarray) -> tuple[float, float, float]:
     """The most common color: the fullest cell of a 32-level RGB histogram (cells centered on multiples of
     32, so the gray background sits mid-cell), refined to the median of the pixels within 48 of it."""
     pixels = image.reshape(-1, 3).astype(np.float64)
-    cell = (pixels.astype(np.int64) + 16) // 32                          # 0..8 per channel
+    cell = (pixels.astype(np.int64) + 16) // 32  # 0..8 per channel
     key = (cell[:, 0] * 9 + cell[:, 1]) * 9 + cell[:, 2]
     bg = np.median(pixels[key == np.bincount(key).argmax()], axis=0)
     for _ in range(2):  # the cell cuts a noisy background's spread; widen to its neighbourhood
         bg = np.median(pixels[np.linalg.norm(pixels - bg, axis=1) < 48], axis=0)
-    return tuple(float(v) for v in bg)
+    return float(bg[0]), float(bg[1]), float(bg[2])
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -346,7 +374,11 @@ def _box3(a: np.ndarray) -> np.ndarray:
     """3x3 mean, edges repeated."""
     p = np.pad(a, 1, mode="edge")
     h, w = a.shape
-    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    total = np.zeros(a.shape, dtype=p.dtype)  # sum of the 9 shifted copies, in the input dtype
+    for i in range(3):
+        for j in range(3):
+            total += p[i : i + h, j : j + w]
+    return total / 9.0
 
 
 def _dilate8(mask: np.ndarray) -> np.ndarray:
@@ -355,7 +387,7 @@ def _dilate8(mask: np.ndarray) -> np.ndarray:
     out = np.zeros_like(mask)
     for i in range(3):
         for j in range(3):
-            out |= p[i:i + h, j:j + w]
+            out |= p[i : i + h, j : j + w]
     return out
 
 
@@ -427,11 +459,21 @@ def analyze(image: np.ndarray, background=None, min_area: int | None = None) -> 
         else:
             shape = "square" if fill >= SQUARE_MIN_FILL else "circle"
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        found.append(DetectedObject(
-            color=color, shape=shape, size="large" if max(bw, bh) >= LARGE_MIN_WIDTH * side else "small",
-            position=_position(cx, cy, side), center=(cx, cy),
-            centroid=(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5), box=(x0, y0, x1, y1), area=area,
-            fill=float(fill), top=float(top), rgb=tuple(float(v) for v in rgb)))
+        found.append(
+            DetectedObject(
+                color=color,
+                shape=shape,
+                size="large" if max(bw, bh) >= LARGE_MIN_WIDTH * side else "small",
+                position=_position(cx, cy, side),
+                center=(cx, cy),
+                centroid=(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5),
+                box=(x0, y0, x1, y1),
+                area=area,
+                fill=float(fill),
+                top=float(top),
+                rgb=(float(rgb[0]), float(rgb[1]), float(rgb[2])),
+            )
+        )
     found.sort(key=lambda o: -o.area)
     return found
 
@@ -440,8 +482,12 @@ def relation_holds(a: tuple[float, float], relation: str, b: tuple[float, float]
     """a <relation> b for two (x, y) centers: the coordinate along the relation's axis differs by more than
     RELATION_MARGIN * S in the right direction (image y grows downward)."""
     m = RELATION_MARGIN * image_size
-    return {"to the left of": b[0] - a[0] > m, "to the right of": a[0] - b[0] > m,
-            "above": b[1] - a[1] > m, "below": a[1] - b[1] > m}[relation]
+    return {
+        "to the left of": b[0] - a[0] > m,
+        "to the right of": a[0] - b[0] > m,
+        "above": b[1] - a[1] > m,
+        "below": a[1] - b[1] > m,
+    }[relation]
 
 
 def _largest_of_color(found: list[DetectedObject], color: str) -> DetectedObject | None:
@@ -490,14 +536,14 @@ def score(spec: PromptSpec | str, image: np.ndarray) -> dict[str, bool]:
 @dataclass
 class EvalPrompt:
     prompt: str
-    kind: str      # "single" (seen pair), "heldout" (a HELD_OUT pair), "two" (two objects and a relation)
-    scene: Scene   # a ground-truth scene for the prompt (every attribute stated)
+    kind: str  # "single" (seen pair), "heldout" (a HELD_OUT pair), "two" (two objects and a relation)
+    scene: Scene  # a ground-truth scene for the prompt (every attribute stated)
 
 
 def _balanced(rng: np.random.Generator, values, n: int) -> list:
     """n values, each used floor(n/k) or ceil(n/k) times, in random order."""
     values = list(values)
-    out = []
+    out: list = []
     while len(out) < n:
         out += [values[i] for i in rng.permutation(len(values))]
     return out[:n]
@@ -556,8 +602,16 @@ def _to_uint8(images) -> np.ndarray:
     return (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def evaluate(pipe, n: int = 240, steps: int = 25, guidance: float | None = None, seed: int = 10_000_000,
-             batch_size: int = 16, keep_images: bool = False, progress=None) -> dict:
+def evaluate(
+    pipe,
+    n: int = 240,
+    steps: int = 25,
+    guidance: float | None = None,
+    seed: int = 10_000_000,
+    batch_size: int = 16,
+    keep_images: bool = False,
+    progress=None,
+) -> dict:
     """Generate eval_prompts(n, seed) with `pipe` (image i from seed + i) and score every image.
 
     pipe: anything called like ldm.Pipeline: pipe(prompts, steps=, guidance_scale=, seed=, num_images=1,
@@ -569,16 +623,27 @@ def evaluate(pipe, n: int = 240, steps: int = 25, guidance: float | None = None,
     if guidance is None:  # the model's recommended value
         guidance = getattr(pipe, "default_guidance", 7.5)
     prompts = eval_prompts(n, seed)
-    items, kept = [], []
+    items: list[dict] = []
+    kept: list = []
     for start in range(0, n, batch_size):
-        batch = prompts[start:start + batch_size]
-        images = _to_uint8(pipe([p.prompt for p in batch], steps=steps, guidance_scale=guidance, seed=seed + start,
-                                num_images=1, output_type="np", progress=False))
+        batch = prompts[start : start + batch_size]
+        images = _to_uint8(
+            pipe(
+                [p.prompt for p in batch],
+                steps=steps,
+                guidance_scale=guidance,
+                seed=seed + start,
+                num_images=1,
+                output_type="np",
+                progress=False,
+            )
+        )
         if len(images) != len(batch):
             raise ValueError(f"the pipeline returned {len(images)} images for {len(batch)} prompts")
         for i, (p, image) in enumerate(zip(batch, images)):
-            items.append({"prompt": p.prompt, "kind": p.kind, "seed": seed + start + i,
-                          "verdicts": score(p.prompt, image)})
+            items.append(
+                {"prompt": p.prompt, "kind": p.kind, "seed": seed + start + i, "verdicts": score(p.prompt, image)}
+            )
         if keep_images:
             kept.append(images)
         if progress is not None:
@@ -589,14 +654,23 @@ def evaluate(pipe, n: int = 240, steps: int = 25, guidance: float | None = None,
         rows = [it["verdicts"] for it in items if it["kind"] == kind]
         if rows:
             accuracy[f"{group}/{label}"] = sum(all(v[k] for k in keys) for v in rows) / len(rows)
-    result = {"settings": {"n": n, "steps": steps, "guidance": guidance, "seed": seed}, "counts": counts,
-              "accuracy": accuracy, "items": items}
+    result = {
+        "settings": {"n": n, "steps": steps, "guidance": guidance, "seed": seed},
+        "counts": counts,
+        "accuracy": accuracy,
+        "items": items,
+    }
     if keep_images:
         result["images"] = np.concatenate(kept)
     return result
 
 
-REVERSED = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+REVERSED = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 
 
 def _first_object_side(spec: PromptSpec, image: np.ndarray) -> float | None:
@@ -623,9 +697,19 @@ def relation_swap(pipe, result: dict) -> dict[str, int]:
         if item["kind"] != "two":
             continue
         spec = parse_caption(item["prompt"])
+        assert spec.relation is not None  # a two-object caption names its relation
         swapped = item["prompt"].replace(spec.relation, REVERSED[spec.relation])
-        again = _to_uint8(pipe([swapped], steps=s["steps"], guidance_scale=s["guidance"], seed=item["seed"],
-                               num_images=1, output_type="np", progress=False))[0]
+        again = _to_uint8(
+            pipe(
+                [swapped],
+                steps=s["steps"],
+                guidance_scale=s["guidance"],
+                seed=item["seed"],
+                num_images=1,
+                output_type="np",
+                progress=False,
+            )
+        )[0]
         before, after = _first_object_side(spec, image), _first_object_side(spec, again)
         if before is None or after is None:
             counts["missing"] += 1
@@ -637,9 +721,11 @@ def relation_swap(pipe, result: dict) -> dict[str, int]:
 def format_report(result: dict) -> str:
     """The accuracies of `evaluate` as a text table."""
     s, c = result["settings"], result["counts"]
-    lines = [f"{s['n']} images ({c['single']} single objects, {c['heldout']} held-out pairs, {c['two']} two-object), "
-             f"{s['steps']} steps, guidance {s['guidance']}, seed {s['seed']}",
-             f"  {'group':14} {'metric':26} {'accuracy':>8} {'n':>5}"]
+    lines = [
+        f"{s['n']} images ({c['single']} single objects, {c['heldout']} held-out pairs, {c['two']} two-object), "
+        f"{s['steps']} steps, guidance {s['guidance']}, seed {s['seed']}",
+        f"  {'group':14} {'metric':26} {'accuracy':>8} {'n':>5}",
+    ]
     kinds = {group: kind for group, _, kind, _ in METRICS}
     last = None
     for key, acc in result["accuracy"].items():
@@ -648,8 +734,10 @@ def format_report(result: dict) -> str:
         last = group
     if "relation_swap" in result:
         r = result["relation_swap"]
-        lines.append(f"  relation reversed, same seeds: the layout flips in {r['flipped']} of "
-                     f"{r['flipped'] + r['kept']} two-object prompts ({r['missing']} missing a color)")
+        lines.append(
+            f"  relation reversed, same seeds: the layout flips in {r['flipped']} of "
+            f"{r['flipped'] + r['kept']} two-object prompts ({r['missing']} missing a color)"
+        )
     return "\n".join(lines)
 
 
@@ -659,8 +747,16 @@ def contact_sheet(images: np.ndarray, items: list[dict], scale: int = 2, columns
     p=position z=size b=background n=count o=objects r=relation)."""
     from PIL import Image, ImageDraw
 
-    abbrev = {"color_ok": "c", "shape_ok": "s", "position_ok": "p", "size_ok": "z", "background_ok": "b",
-              "count_ok": "n", "objects_ok": "o", "relation_ok": "r"}
+    abbrev = {
+        "color_ok": "c",
+        "shape_ok": "s",
+        "position_ok": "p",
+        "size_ok": "z",
+        "background_ok": "b",
+        "count_ok": "n",
+        "objects_ok": "o",
+        "relation_ok": "r",
+    }
     h, w = images.shape[1] * scale, images.shape[2] * scale
     pad, text_h = 3, 12
     tile_w, tile_h = w + 2 * pad, h + 2 * pad + text_h
@@ -671,7 +767,7 @@ def contact_sheet(images: np.ndarray, items: list[dict], scale: int = 2, columns
         x, y = (i % columns) * tile_w, (i // columns) * tile_h
         ok = item["verdicts"]["all_ok"]
         draw.rectangle([x, y, x + tile_w - 1, y + h + 2 * pad - 1], fill=(40, 170, 60) if ok else (220, 40, 40))
-        sheet.paste(Image.fromarray(image).resize((w, h), Image.NEAREST), (x + pad, y + pad))
+        sheet.paste(Image.fromarray(image).resize((w, h), Image.Resampling.NEAREST), (x + pad, y + pad))
         failed = "".join(abbrev[k] for k, v in item["verdicts"].items() if not v and k in abbrev)
         tag = {"single": "one", "heldout": "held", "two": "two"}[item["kind"]]
         draw.text((x + pad, y + h + 2 * pad), f"{i} {tag}" + (f" no:{failed}" if failed else ""), fill=(0, 0, 0))
@@ -684,10 +780,40 @@ def result_to_json(result: dict) -> dict:
 
 
 __all__ = [
-    "COLORS", "BACKGROUNDS", "SHAPES", "SIZES", "POSITIONS", "RELATIONS", "HELD_OUT", "SEEN_PAIRS", "ALL_PAIRS",
-    "SceneObject", "Scene", "caption_for", "single_scene", "pair_scene", "sample_scene", "render",
-    "ObjectSpec", "PromptSpec", "parse_caption", "scene_from_caption", "ShapesDataset",
-    "DetectedObject", "estimate_background", "label_components", "analyze", "relation_holds", "score",
-    "EvalPrompt", "eval_prompts", "evaluate", "relation_swap", "REVERSED", "format_report", "contact_sheet",
-    "result_to_json", "size_px",
+    "COLORS",
+    "BACKGROUNDS",
+    "SHAPES",
+    "SIZES",
+    "POSITIONS",
+    "RELATIONS",
+    "HELD_OUT",
+    "SEEN_PAIRS",
+    "ALL_PAIRS",
+    "SceneObject",
+    "Scene",
+    "caption_for",
+    "single_scene",
+    "pair_scene",
+    "sample_scene",
+    "render",
+    "ObjectSpec",
+    "PromptSpec",
+    "parse_caption",
+    "scene_from_caption",
+    "ShapesDataset",
+    "DetectedObject",
+    "estimate_background",
+    "label_components",
+    "analyze",
+    "relation_holds",
+    "score",
+    "EvalPrompt",
+    "eval_prompts",
+    "evaluate",
+    "relation_swap",
+    "REVERSED",
+    "format_report",
+    "contact_sheet",
+    "result_to_json",
+    "size_px",
 ]

@@ -12,6 +12,7 @@ T text tokens, D context (text embedding) width, nh heads, hd head dim.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class UNetConfig:
         """(number of heads, head width) of the attention at a given channel width."""
         if self.num_heads is not None:
             return self.num_heads, channels // self.num_heads
+        assert self.head_dim is not None  # validated at construction: one of the two is set
         return channels // self.head_dim, self.head_dim
 
     def to_dict(self) -> dict:
@@ -126,15 +128,24 @@ class ResBlock(nn.Module):
             nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)  # (B, C) -> (B, C, 1, 1)
         h = self.out_layers(h)
         return self.skip_connection(x) + h
+
+
+# Per-call state: the cross-attention keys/values of the text, cached for one sampling call
+# (UNet.cached_context). A context variable, not a module attribute: DESIGN.md says per-call state
+# belongs to the call, so that two threads (or tasks) sampling with one U-Net never share it.
+_KV_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ldm_unet_kv_cache", default=None)
+
+
+def kv_cache_active() -> bool:
+    """Whether this thread / task is inside a `UNet.cached_context` block."""
+    return _KV_CACHE.get() is not None
 
 
 class CrossAttention(nn.Module):
@@ -150,7 +161,6 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
-        self.cached_kv: tuple | None = None  # (context, k, v), set by UNet.cached_context
         self.query_chunk: int | None = None  # set by UNet.set_attention_slicing
 
     def key_value(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,13 +172,17 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape
         q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, nh, L, hd)
-        if context is not None and self.cached_kv is not None and self.cached_kv[0] is context:
-            k, v = self.cached_kv[1:]
+        cache = _KV_CACHE.get() if context is not None and not torch.is_grad_enabled() else None
+        if cache is not None:
+            hit = cache.get((id(self), id(context)))
+            if hit is None or hit[0] is not context:  # the context is kept alive in the entry: ids stay unique
+                hit = cache[(id(self), id(context))] = (context, *self.key_value(context))  # type: ignore[arg-type]
+            k, v = hit[1], hit[2]
         else:
-            k, v = self.key_value(x if context is None else context)
+            k, v = self.key_value(x if context is None else context)  # self- or cross-attention
         n = self.query_chunk
         if n and L > n:  # each query row's softmax is its own: chunks of queries give the same result
-            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + n], k, v) for i in range(0, L, n)], dim=2)
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + n], k, v) for i in range(0, L, n)], dim=2)
         else:
             out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v: (B, nh, L, hd)
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh*hd)
@@ -218,8 +232,17 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Image features -> tokens, transformer blocks conditioned on the text, -> image features (residual)."""
 
-    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int,
-                 groups: int, use_linear: bool, dropout: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        depth: int,
+        context_dim: int,
+        groups: int,
+        use_linear: bool,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.use_linear = use_linear
@@ -304,8 +327,9 @@ class UNet(nn.Module):
 
         def transformer(ch: int) -> SpatialTransformer:
             heads, hd = c.heads_at(ch)
-            return SpatialTransformer(ch, heads, hd, c.transformer_depth, c.context_dim, groups,
-                                      c.use_linear_projection, c.dropout)
+            return SpatialTransformer(
+                ch, heads, hd, c.transformer_depth, c.context_dim, groups, c.use_linear_projection, c.dropout
+            )
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
@@ -314,7 +338,7 @@ class UNet(nn.Module):
         ch = mc
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers = [ResBlock(ch, emb_ch, mc * mult, groups, c.dropout)]
+                layers: list[nn.Module] = [ResBlock(ch, emb_ch, mc * mult, groups, c.dropout)]
                 ch = mc * mult
                 if level in c.attention_levels:
                     layers.append(transformer(ch))
@@ -324,11 +348,13 @@ class UNet(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, emb_ch, ch, groups, c.dropout),
-            transformer(ch),
-            ResBlock(ch, emb_ch, ch, groups, c.dropout),
-        ])
+        self.middle_block = TimestepEmbedSequential(
+            [
+                ResBlock(ch, emb_ch, ch, groups, c.dropout),
+                transformer(ch),
+                ResBlock(ch, emb_ch, ch, groups, c.dropout),
+            ]
+        )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -341,27 +367,28 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
-        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(inplace=True), nn.Conv2d(mc, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            GroupNorm32(groups, ch), nn.SiLU(inplace=True), nn.Conv2d(mc, c.out_channels, 3, padding=1)
+        )
 
     @contextlib.contextmanager
-    def cached_context(self, context: torch.Tensor):
-        """Inside this block, every cross-attention computes the keys and values of `context` once,
-        not at each call: they depend only on the text, the same at every sampling step. Calls
-        with another context tensor compute their own as usual.
+    def cached_context(self, *contexts: torch.Tensor):
+        """Inside this block, every cross-attention computes the keys and values of a context tensor once,
+        at its first use, not at each call: they depend only on the text, the same at every sampling step.
 
-            with unet.cached_context(context):
+            with unet.cached_context():
                 for t in timesteps:
                     eps = unet(x, t, context)
+
+        The cache belongs to the block (a context variable: per thread and per asyncio task), never to the
+        modules, so threads sampling with one U-Net keep their own. `contexts` are accepted for the
+        older call style `cached_context(context)` and need not be listed. Not used while gradients are on.
         """
-        layers = [m for m in self.modules() if isinstance(m, CrossAttention) and m.is_cross]
+        token = _KV_CACHE.set({})
         try:
-            with torch.no_grad():
-                for m in layers:
-                    m.cached_kv = (context, *m.key_value(context))
             yield self
         finally:
-            for m in layers:
-                m.cached_kv = None
+            _KV_CACHE.reset(token)
 
     def set_attention_slicing(self, query_chunk: int | None) -> UNet:
         """Run attention on at most `query_chunk` queries at a time (None: all at once).
@@ -378,7 +405,7 @@ class UNet(nn.Module):
                 m.query_chunk = query_chunk
         return self
 
-    def _run(self, block: TimestepEmbedSequential, *args):
+    def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -388,10 +415,12 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
-        emb = timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype)
+        dtype = self.time_embed[0].weight.dtype  # the model's parameter dtype
+        assert isinstance(dtype, torch.dtype)
+        emb = timestep_embedding(t, self.config.model_channels).to(dtype)
         emb = self.time_embed(emb)  # (B, 4*model_channels)
 
-        h = x.to(self.input_blocks[0][0].weight.dtype)
+        h = x.to(dtype)
         skips = []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)

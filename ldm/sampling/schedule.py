@@ -78,12 +78,12 @@ class NoiseSchedule:
     final_alpha_cumprod: torch.Tensor = field(init=False, repr=False)  # () float32, alpha_bar "at t = -1"
 
     @classmethod
-    def sd15(cls) -> "NoiseSchedule":
+    def sd15(cls) -> NoiseSchedule:
         """SD 1.x and the 512-pixel SD 2.x "base" models (epsilon prediction)."""
         return cls()
 
     @classmethod
-    def sd21(cls) -> "NoiseSchedule":
+    def sd21(cls) -> NoiseSchedule:
         """SD 2.x 768-pixel "v" models (v prediction)."""
         return cls(prediction_type="v_prediction")
 
@@ -91,9 +91,13 @@ class NoiseSchedule:
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
+            )
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}")
+            raise ValueError(
+                f"timestep_spacing {self.timestep_spacing!r} is not supported; use one of {TIMESTEP_SPACINGS}"
+            )
         T = self.num_train_timesteps
         if self.trained_betas is not None:
             if len(self.trained_betas) != T:
@@ -112,7 +116,7 @@ class NoiseSchedule:
         self.final_alpha_cumprod = torch.tensor(1.0) if self.set_alpha_to_one else self.alphas_cumprod[0]
 
     @classmethod
-    def from_diffusers_config(cls, config: dict) -> "NoiseSchedule":
+    def from_diffusers_config(cls, config: dict) -> NoiseSchedule:
         """Build from a diffusers scheduler_config.json dict (any scheduler class).
 
         Absent keys take DDIMScheduler's defaults, exactly as `DDIMScheduler.from_config`;
@@ -120,8 +124,10 @@ class NoiseSchedule:
         """
         c = {**_DIFFUSERS_DDIM_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DDIM_DEFAULTS}}
         if c.pop("thresholding"):
-            raise ValueError("thresholding=True (dynamic thresholding) is not supported; it is meant for pixel-space "
-                             "models, set it to false for latent diffusion")
+            raise ValueError(
+                "thresholding=True (dynamic thresholding) is not supported; it is meant for pixel-space "
+                "models, set it to false for latent diffusion"
+            )
         if c["trained_betas"] is not None:
             c["trained_betas"] = tuple(float(b) for b in c["trained_betas"])
         return cls(**c)
@@ -130,13 +136,19 @@ class NoiseSchedule:
         """The scheduler_config.json dict (DDIMScheduler) that gives this schedule."""
         return {
             "_class_name": "DDIMScheduler",
-            "num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start, "beta_end": self.beta_end,
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
             "beta_schedule": self.beta_schedule,
             "trained_betas": list(self.trained_betas) if self.trained_betas is not None else None,
-            "prediction_type": self.prediction_type, "timestep_spacing": self.timestep_spacing,
-            "steps_offset": self.steps_offset, "set_alpha_to_one": self.set_alpha_to_one,
-            "clip_sample": self.clip_sample, "clip_sample_range": self.clip_sample_range,
-            "rescale_betas_zero_snr": self.rescale_betas_zero_snr, "thresholding": False,
+            "prediction_type": self.prediction_type,
+            "timestep_spacing": self.timestep_spacing,
+            "steps_offset": self.steps_offset,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "clip_sample": self.clip_sample,
+            "clip_sample_range": self.clip_sample_range,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+            "thresholding": False,
         }
 
     # ---- timesteps -------------------------------------------------------------------------------
@@ -253,8 +265,10 @@ class NoiseSchedule:
         T = self.num_train_timesteps
         if ts.max() >= T or ts.min() < 0:
             spacing = self.timestep_spacing if spacing is None else spacing
-            raise ValueError(f"{num_steps} {spacing!r} steps with steps_offset={self.steps_offset} reach t={ts.max()}, "
-                             f"outside 0..{T - 1}; use fewer steps or 'trailing' spacing")
+            raise ValueError(
+                f"{num_steps} {spacing!r} steps with steps_offset={self.steps_offset} reach t={ts.max()}, "
+                f"outside 0..{T - 1}; use fewer steps or 'trailing' spacing"
+            )
 
     # ---- forward process and prediction types ----------------------------------------------------
 

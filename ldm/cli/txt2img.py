@@ -1,0 +1,390 @@
+#!/usr/bin/env python
+"""Generate images from a text prompt; each PNG carries its generation parameters.
+
+    python scripts/txt2img.py --prompt "a red circle at the top left"          # embedded demo model
+    python scripts/txt2img.py --weights weights/v1-5-pruned-emaonly.safetensors \\
+        --prompt "a photo of a cat" --negative-prompt "blurry" --seed 1234 --n 4
+
+Images go to --out as 00000-1234.png, 00001-1235.png, ... (index, then the image's own seed:
+image i of a run uses seed+i and can be regenerated alone with that seed); an existing file is
+never overwritten. The `parameters` text chunk is in AUTOMATIC1111's format.
+
+    python scripts/txt2img.py --from-png outputs/00000-1234.png            # the same image again
+    python scripts/txt2img.py --from-png outputs/00000-1234.png --steps 50 # the file's values, one changed
+
+--from-png reads an image's generation parameters (ldm's own record, or an AUTOMATIC1111-style
+`parameters` text); every flag given beside it overrides the file's value.
+"""
+
+import argparse
+import math
+import random
+import re
+import sys
+from pathlib import Path
+
+from ldm.cli import HelpFormatter, command_name
+from ldm.outputs import check_output_folder  # light: no torch
+
+DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _sampler(value: str) -> str:
+    """--sampler: ours or an AUTOMATIC1111 name ("DPM++ 2M Karras"); argparse's one-line error otherwise."""
+    from ldm.sampling.samplers import resolve_sampler, sampler_names
+
+    try:
+        resolve_sampler(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {value!r} (choose from {', '.join(sampler_names())}, or an AUTOMATIC1111 name "
+            "such as 'DPM++ 2M Karras')"
+        ) from None
+    return value
+
+
+def _schedule(value: str) -> str:
+    from ldm.sampling.samplers import A1111_SCHEDULES, SIGMA_SCHEDULES
+
+    if value in SIGMA_SCHEDULES:
+        return value
+    if value in A1111_SCHEDULES:
+        return A1111_SCHEDULES[value]
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(SIGMA_SCHEDULES)})")
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags given on the command line (not left at their defaults)."""
+    import copy
+
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(quiet.parse_args(argv)))
+
+
+def _device_problem(name: str) -> str | None:
+    import torch
+
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return f"--device {name}: CUDA is not available on this machine; use --device auto or cpu"
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            return f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here"
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "--device mps: Apple MPS is not available on this machine; use --device auto or cpu"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ldm.sampling.samplers import SAMPLERS, SIGMA_SCHEDULES
+
+    p = argparse.ArgumentParser(prog=command_name(), description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--prompt", default=None, help="what to draw (required unless --from-png gives it)")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument(
+        "--from-png",
+        default=None,
+        metavar="FILE",
+        help="regenerate an image from the parameters in its PNG metadata (ldm's or AUTOMATIC1111's); "
+        "flags given beside it override the file's values",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="single-file checkpoint (.safetensors/.ckpt) or diffusers folder (default: embedded demo model)",
+    )
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (<= 1: none) "
+        "(default: the model's recommended value: 7.5, unless its file stores one, as the demo model does)",
+    )
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        help="rescale the guided prediction toward the conditional one's spread, 0..1 (0.7 for zero-SNR models)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed of image 0; image i uses seed+i (default: random, printed)"
+    )
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 8 (default: the model's)")
+    p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--batch-size", type=int, default=1, help="images generated together (same seeds either way)")
+    p.add_argument(
+        "--sampler",
+        type=_sampler,
+        default="ddim",
+        help=f"sampling algorithm: {', '.join(SAMPLERS)}, or an AUTOMATIC1111 name ('DPM++ 2M Karras')",
+    )
+    p.add_argument(
+        "--schedule",
+        type=_schedule,
+        default="default",
+        help=f"sigma schedule: {', '.join(SIGMA_SCHEDULES)} (default: the sampler's own, as its diffusers "
+        "scheduler's defaults)",
+    )
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="noise of DDIM's steps: 0 deterministic, 1 DDPM-like (default: 0; only samplers with an eta take one)",
+    )
+    p.add_argument(
+        "--clip-skip", type=int, default=1, help="text encoder layer from the end (2 = web UIs' 'clip skip 2')"
+    )
+    p.add_argument(
+        "--prediction-type",
+        choices=["auto", "epsilon", "v_prediction"],
+        default="auto",
+        help="what the U-Net predicts (auto: folder config / file metadata; SD2 single files: v_prediction)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="LoRA file to apply to the U-Net (kohya/diffusers layouts; repeatable)",
+    )
+    p.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA(s)")
+    p.add_argument(
+        "--attention-chunk",
+        type=int,
+        default=0,
+        metavar="N",
+        help="attention on at most N queries at a time: bounded memory for large images where "
+        "attention has no memory-efficient kernel (e.g. Apple MPS); same images; 0 = off",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the U-Net: the first image pays the compilation (about a minute for the "
+        "demo model on 2 CPU cores, minutes for SD1.5), later steps run faster; needs a C++ compiler",
+    )
+    p.add_argument("--out", default="outputs", help="output folder (created if needed; files are never overwritten)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="U-Net/text encoder dtype (auto: float16 on CUDA, else float32; the VAE always runs in float32)",
+    )
+    return p
+
+
+# flag destination -> GenerationRequest field
+REQUEST_FLAGS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "steps",
+    "guidance": "guidance_scale",
+    "guidance_rescale": "guidance_rescale",
+    "eta": "eta",
+    "seed": "seed",
+    "height": "height",
+    "width": "width",
+    "sampler": "sampler",
+    "schedule": "schedule",
+    "clip_skip": "clip_skip",
+    "lora_scale": "lora_scale",
+}
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    given = _given(p, argv)
+
+    # Validate everything before loading or generating anything.
+    problems = [
+        (args.prompt is None and args.from_png is None, "--prompt is required (or --from-png FILE)"),
+        (
+            args.height is not None and (args.height < 8 or args.height % 8),
+            f"--height {args.height} must be a positive multiple of 8",
+        ),
+        (
+            args.width is not None and (args.width < 8 or args.width % 8),
+            f"--width {args.width} must be a positive multiple of 8",
+        ),
+        (args.steps < 1, f"--steps {args.steps} must be >= 1"),
+        (
+            args.guidance is not None and (not args.guidance >= 0 or math.isinf(args.guidance)),
+            f"--guidance {args.guidance} must be >= 0",
+        ),
+        (
+            not 0 <= args.guidance_rescale <= 1,
+            f"--guidance-rescale {args.guidance_rescale} must be in 0..1",
+        ),
+        (args.eta is not None and (not args.eta >= 0 or math.isinf(args.eta)), f"--eta {args.eta} must be >= 0"),
+        (args.n < 1, f"--n {args.n} must be >= 1"),
+        (args.batch_size < 1, f"--batch-size {args.batch_size} must be >= 1"),
+        (args.attention_chunk < 0, f"--attention-chunk {args.attention_chunk} must be >= 0 (0 = off)"),
+        (args.clip_skip < 1, f"--clip-skip {args.clip_skip} must be >= 1 (1 = the text encoder's last layer)"),
+        (
+            args.seed is not None and args.seed != -1 and not 0 <= args.seed <= 2**64 - args.n,
+            f"--seed {args.seed} must be in 0 .. 2**64-1 for every image (seed + i), or -1 for random",
+        ),
+        (not DEVICES.fullmatch(args.device), f"--device {args.device}: use auto, cpu, cuda, cuda:N or mps"),
+        (
+            args.weights is not None and not Path(args.weights).exists(),
+            f"--weights {args.weights}: not found; pass a local .safetensors/.ckpt checkpoint or diffusers folder "
+            "(ldm never downloads: a model hub id must be fetched first)",
+        ),
+        *[(not Path(f).is_file(), f"--lora {f}: not found; pass a LoRA .safetensors file") for f in args.lora],
+    ]
+    for bad, message in problems:
+        if bad:
+            return _error(message)
+    from ldm.pipelines.request import GenerationRequest
+    from ldm.sampling.samplers import SAMPLERS, resolve_sampler
+
+    # The request: the file's (with --from-png), then every flag given; the defaults of the flags otherwise.
+    generation = None
+    fields: dict = {}
+    if args.from_png is not None:
+        from ldm.outputs import read_generation
+
+        try:
+            generation = read_generation(args.from_png)
+        except (ValueError, FileNotFoundError) as e:
+            return _error(f"--from-png {e}")
+        fields = generation.request.to_dict()
+        if generation.ignored:
+            print(
+                f"note: {args.from_png}: not used (ldm has no such setting): {'; '.join(generation.ignored)}",
+                file=sys.stderr,
+            )
+    for dest, field in REQUEST_FLAGS.items():
+        if generation is None or dest in given:
+            fields[field] = getattr(args, dest)
+    fields["num_images"] = 1
+    seed_random = fields.get("seed") is None or fields["seed"] == -1
+    fields["seed"] = 0 if seed_random else fields["seed"]
+    try:
+        info, _ = resolve_sampler(fields["sampler"])
+        if fields.get("eta") and info.eta is None:
+            takes = [i.name for i in SAMPLERS.values() if i.eta is not None]
+            raise ValueError(
+                f"--eta {fields['eta']} applies to --sampler {', '.join(takes)} only; drop --eta or use "
+                f"--sampler {takes[0]}"
+            )
+        request = GenerationRequest(**fields)
+    except ValueError as e:
+        return _error(str(e))
+    settings = generation.settings if generation is not None else {}
+    if settings.get("loras") and not args.lora:
+        names = ", ".join(f"{k} ({v})" for k, v in settings["loras"].items())
+        return _error(f"--from-png {args.from_png} was made with LoRA {names}; pass the file(s) with --lora FILE")
+    try:
+        out = check_output_folder(args.out)
+    except ValueError as e:
+        return _error(f"--out: {e}")
+    if problem := _device_problem(args.device):
+        return _error(problem)
+
+    from ldm.outputs import file_sha256, model_display_name, save_generated
+    from ldm.pipelines.pipeline import Pipeline, pick_device
+
+    prediction_type = None if args.prediction_type == "auto" else args.prediction_type
+    dtype = args.dtype
+    if generation is not None and generation.source == "ldm":
+        # an ldm PNG says how its model ran: the same settings again give the same pixels
+        if "prediction_type" not in given and settings.get("prediction_type"):
+            prediction_type = settings["prediction_type"]
+        same_device = str(settings.get("device", "")).split(":")[0] == pick_device(args.device).type
+        if "dtype" not in given and settings.get("dtype") and same_device:
+            dtype = settings["dtype"]
+    try:
+        pipe = Pipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, prediction_type=prediction_type)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(str(e))
+    if args.attention_chunk:
+        pipe.unet.set_attention_slicing(args.attention_chunk)
+    if args.compile:
+        try:
+            pipe.compile()
+        except RuntimeError as e:
+            return _error(str(e))
+    loras = {}
+    if args.lora:
+        from ldm.models.lora import load_lora
+
+        for f in args.lora:
+            try:
+                # merged: no per-step cost; the request's lora_scale then has no adapters left to scale
+                load_lora(pipe.unet, f, scale=request.lora_scale, merge=True)
+            except (ValueError, FileNotFoundError) as e:
+                return _error(str(e))
+            loras[model_display_name(f)] = file_sha256(f)[:12]
+    try:
+        request = pipe.resolve(request)
+    except ValueError as e:
+        return _error(str(e))
+    if seed_random:
+        request = request.replace(seed=random.SystemRandom().randrange(2**32))
+        print(f"seed: {request.seed}", file=sys.stderr)
+    model_path = pipe.model_path
+    model_hash = file_sha256(model_path) if model_path is not None else None
+    model_name = model_display_name(model_path) if model_path is not None else pipe.model_name
+    if generation is not None and settings.get("model_sha256") and model_hash is not None:
+        if not model_hash.startswith(str(settings["model_sha256"])):
+            print(
+                f"note: {args.from_png} was made with model {settings.get('model_name', '?')} "
+                f"({str(settings['model_sha256'])[:10]}), this is {model_name} ({model_hash[:10]}): "
+                "the image will differ",
+                file=sys.stderr,
+            )
+
+    # What to run: n images from the seed, in batches. An ldm PNG made as image k of a batch of b is
+    # regenerated in that same batch (the batch's other images are not saved): batched and lone
+    # runs may differ in the last bits.
+    n, batch_size, only = args.n, args.batch_size, None
+    if generation is not None and not given & {"n", "batch_size", "seed"} and "batch" in settings:
+        only, batch_size = (int(v) for v in settings["batch"])
+        if not 0 <= only < batch_size:
+            return _error(f"--from-png {args.from_png}: its batch {settings['batch']} is not (index, size)")
+        request = request.replace(seed=request.seed - only)
+        n = batch_size
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        try:
+            images = pipe.generate(
+                request.replace(seed=request.seed + start, num_images=count), output_type="pil", progress=True
+            )
+        except ValueError as e:
+            return _error(str(e))
+        for i, image in enumerate(images):
+            if only is not None and i != only:
+                continue
+            path = save_generated(
+                image,
+                out,
+                request.replace(seed=request.seed + start + i),
+                model_hash=model_hash,
+                model_name=model_name,
+                settings={
+                    "prediction_type": pipe.schedule.prediction_type,
+                    "device": str(pipe.device),
+                    "dtype": str(pipe.dtype).removeprefix("torch."),
+                },
+                loras=loras,
+                batch=(i, count),
+            )
+            print(path, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

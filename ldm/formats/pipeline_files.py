@@ -1,0 +1,299 @@
+"""Pipeline files: reading a single-file checkpoint or a diffusers folder into the Pipeline's components,
+and writing them back in either layout (atomically: never a half-written file or folder).
+
+Written files are for other tools too (docs/parity.md, "Files other tools read"):
+* a single file names every tensor as an original checkpoint of its family does: SD1's text encoder
+  under `cond_stage_model.transformer.text_model.*` (CLIP), SD2's under `cond_stage_model.model.*`
+  (OpenCLIP), which is how ComfyUI and AUTOMATIC1111 tell the families apart;
+* a diffusers folder loads in every diffusers/transformers pair pyproject admits: the text encoder's
+  tensors under `text_model.*` (the names of transformers 4.x, which >= 5.6 still reads), a config.json
+  with the fields of transformers 4.45's CLIPTextConfig, and the tokenizer as vocab.json + merges.txt
+  (transformers >= 5 would write only tokenizer.json, which 4.x's slow CLIPTokenizer does not read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.formats.atomic import atomic_dir
+from ldm.formats.checkpoint import (
+    UNET_PREFIX,
+    load_unet,
+    read_state_dict,
+    save_safetensors,
+    save_unet_diffusers,
+    unet_from_single_file,
+)
+from ldm.formats.metadata import (
+    GUIDANCE_SCALE,
+    HF_FORMAT,
+    PAD_TOKEN,
+    PIPELINE_KEY,
+    PREDICTION_TYPE,
+    SAMPLE_SIZE,
+    SCHEDULER,
+    TEXT_ENCODER_CONFIG,
+    TEXT_KIND,
+    UNET_CONFIG_KEY,
+    stored_json,
+)
+from ldm.models.clip import (
+    TOKENIZER_DIR,
+    detect_kind,
+    load_text_encoder,
+    load_tokenizer,
+    text_encoder_from_single_file,
+    text_encoder_to_single_file,
+    text_kind,
+)
+from ldm.models.vae import load_vae, save_vae_diffusers, vae_metadata, vae_to_original_state_dict
+from ldm.sampling.schedule import NoiseSchedule
+
+
+def _single_file_metadata(path: Path) -> dict:
+    return stored_json(path, PIPELINE_KEY) or {}
+
+
+def _schedule(config: dict | None, prediction_type: str | None) -> NoiseSchedule:
+    """The schedule of a stored DDIMScheduler config, or SD's when there is none; a given prediction_type
+    overrides the config's (without either: epsilon)."""
+    if config is None:
+        return NoiseSchedule(prediction_type=prediction_type or "epsilon")
+    if prediction_type:
+        config = {**config, "prediction_type": prediction_type}
+    return NoiseSchedule.from_diffusers_config(config)
+
+
+def read_diffusers_folder(folder: Path, prediction_type: str | None, ema: bool) -> dict[str, Any]:
+    """The Pipeline components (constructor arguments) of a diffusers folder."""
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        if not (folder / part).is_dir():
+            raise ValueError(
+                f"{folder}: not a diffusers pipeline folder (no {part}/ inside); pass the folder "
+                "that holds model_index.json, or a single .safetensors file"
+            )
+    unet = load_unet(folder)
+    vae = load_vae(folder)
+    text_encoder = load_text_encoder(folder / "text_encoder")
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched_cfg = None
+    if sched_file.is_file():
+        try:
+            sched_cfg = json.loads(sched_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{sched_file}: not valid JSON ({e})") from None
+    schedule = _schedule(sched_cfg, prediction_type)
+    sample = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size", 64)
+    side = int(sample if isinstance(sample, int) else sample[0]) * vae.downsample_factor
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        default_size=(side, side),
+        model_path=folder,
+    )
+
+
+def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict[str, Any]:
+    """The Pipeline components (constructor arguments) of a single-file checkpoint."""
+    sd = read_state_dict(path)
+    meta = _single_file_metadata(path)
+    unet = unet_from_single_file(path, sd, ema=ema, dtype=torch.float32)
+    vae = load_vae(path)
+    # ldm before 0.1 wrote every text encoder in the SD1 layout, with text_kind "sd1" and its own config
+    # (an SD2-like one with hidden_act "gelu"): the stored kind names the layout, the config the model
+    kind = meta.get(TEXT_KIND) or detect_kind(sd)
+    text_encoder = text_encoder_from_single_file(sd, kind, config=meta.get(TEXT_ENCODER_CONFIG))
+    del sd
+    pad = meta.get(PAD_TOKEN) or ("!" if kind == "sd2" else None)
+    tokenizer = load_tokenizer(pad_token=pad)
+    sd2 = kind == "sd2"
+    prediction_type = prediction_type or meta.get(PREDICTION_TYPE) or ("v_prediction" if sd2 else "epsilon")
+    # save_single_file stores the schedule; other single files (and ours saved before) hold SD's
+    schedule = _schedule(meta.get(SCHEDULER), prediction_type)
+    side = meta.get(SAMPLE_SIZE) or (768 if sd2 and prediction_type == "v_prediction" else 512)
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        schedule=schedule,
+        default_size=(side, side),
+        model_path=path,
+        default_guidance=meta.get(GUIDANCE_SCALE) or 7.5,
+    )
+
+
+def single_file_tensors(pipe) -> dict[str, torch.Tensor]:
+    """Every tensor of `pipe` under the names of an original checkpoint of its family: `model.diffusion_model.*`,
+    `first_stage_model.*`, and the text encoder as SD1 (`cond_stage_model.transformer.text_model.*`) or SD2
+    (`cond_stage_model.model.*`, OpenCLIP) has it (ldm.models.clip.text_encoder_to_single_file)."""
+    if pipe.unet.config.context_dim != pipe.text_encoder.config.hidden_size:
+        raise ValueError("U-Net context width and text encoder width differ")
+    tensors = {UNET_PREFIX + k: v for k, v in pipe.unet.state_dict().items()}
+    tensors.update(vae_to_original_state_dict(pipe.vae))
+    tensors.update(text_encoder_to_single_file(pipe.text_encoder))
+    return tensors
+
+
+def write_single_file(pipe, path: str | os.PathLike) -> Path:
+    """One safetensors file in the original SD layout of the pipeline's family (single_file_tensors),
+    with the configs in its metadata so that ldm loads it back exactly."""
+    record = {
+        PREDICTION_TYPE: pipe.schedule.prediction_type,
+        SCHEDULER: pipe.schedule.to_diffusers_config(),
+        SAMPLE_SIZE: pipe.default_size[0],
+        GUIDANCE_SCALE: pipe.default_guidance,
+        TEXT_KIND: text_kind(pipe.text_encoder),
+        TEXT_ENCODER_CONFIG: pipe.text_encoder.config.to_dict(),
+        PAD_TOKEN: pipe.tokenizer.pad_token,
+    }
+    meta = {
+        UNET_CONFIG_KEY: json.dumps(pipe.unet.config.to_dict()),
+        PIPELINE_KEY: json.dumps(record),
+        **vae_metadata(pipe.vae),
+    }
+    save_safetensors(single_file_tensors(pipe), path, metadata=meta)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- diffusers folders
+
+# CLIPTextConfig's own fields in transformers 4.45 (all still in 5.x); config.json holds these and no others
+CLIP_TEXT_CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "projection_dim",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+    "initializer_range",
+    "initializer_factor",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+TEXT_ENCODER_PREFIX = "text_model."  # CLIPTextModel's tensors in transformers 4.x (and in every hub folder)
+
+
+def text_encoder_folder_tensors(model) -> dict[str, torch.Tensor]:
+    """The tensors of a CLIPTextModel named as transformers 4.x names them (`text_model.*`), whatever the
+    transformers that holds it (>= 5.6 dropped the level). `embeddings.position_ids` is left out: arange(77),
+    a buffer that 4.45 does not save either."""
+    out = {}
+    for key, value in model.state_dict().items():
+        name = key.removeprefix(TEXT_ENCODER_PREFIX)
+        if name != "embeddings.position_ids":
+            out[TEXT_ENCODER_PREFIX + name] = value.detach()
+    return out
+
+
+def text_encoder_folder_config(model) -> dict[str, Any]:
+    """config.json of a diffusers text_encoder/ folder that transformers 4.45 and later read alike."""
+    cfg = model.config.to_dict()
+    dtype = next(model.parameters()).dtype
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        **{k: cfg[k] for k in CLIP_TEXT_CONFIG_FIELDS},
+        "torch_dtype": str(dtype).removeprefix("torch."),  # 4.x's name; >= 5 reads it as "dtype"
+    }
+
+
+def write_text_encoder_folder(model, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(text_encoder_folder_tensors(model), folder / "model.safetensors", metadata=HF_FORMAT)
+    (folder / "config.json").write_text(json.dumps(text_encoder_folder_config(model), indent=2) + "\n")
+
+
+def _vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[str]]:
+    """The BPE vocabulary and merges (in rank order, "a b") of a CLIP tokenizer: the slow one's
+    `encoder`/`bpe_ranks` (transformers 4.x) or the tokenizers backend's model (fast, and 5.x)."""
+    if hasattr(tokenizer, "bpe_ranks") and hasattr(tokenizer, "encoder"):
+        ranks = tokenizer.bpe_ranks
+        return dict(tokenizer.encoder), [" ".join(pair) for pair in sorted(ranks, key=ranks.__getitem__)]
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
+
+
+def write_tokenizer_folder(tokenizer, folder: Path) -> None:
+    """vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json (+ added_tokens.json for
+    tokens beyond the BPE vocabulary): the files of a CLIP tokenizer folder that both the slow CLIPTokenizer
+    of transformers 4.x (the class diffusers' model_index.json names) and transformers >= 5 read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _vocab_and_merges(tokenizer)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    added = {t: i for t, i in tokenizer.get_vocab().items() if t not in vocab}
+    if added:
+        (folder / "added_tokens.json").write_text(json.dumps(added, ensure_ascii=False) + "\n", encoding="utf-8")
+    # the shipped files are the reference layout (openai/clip-vit-*): special tokens as AddedToken records
+    shipped_map = json.loads((TOKENIZER_DIR / "special_tokens_map.json").read_text())
+    shipped_config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+    def special_tokens(reference: dict) -> dict:
+        """The tokenizer's special tokens, as `reference` writes each one that it has with the same text."""
+        out = {}
+        for name in names:
+            value, ref = getattr(tokenizer, name), reference.get(name)
+            out[name] = ref if isinstance(ref, dict) and ref.get("content") == value else value
+        return out
+
+    config = {**shipped_config, **special_tokens(shipped_config)}
+    config.update(model_max_length=int(tokenizer.model_max_length), tokenizer_class="CLIPTokenizer")
+    for key in ("name_or_path", "special_tokens_map_file"):  # where the shipped files came from: not this folder
+        config.pop(key, None)
+    special = special_tokens(shipped_map)
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_diffusers_folder(pipe, folder: str | os.PathLike) -> Path:
+    """A diffusers folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json) that both
+    `Pipeline.from_pretrained` and diffusers' `StableDiffusionPipeline.from_pretrained` load.
+    Written to a temporary sibling folder, then renamed: never a half-written folder."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} already exists; choose a new folder (nothing is overwritten)")
+
+    def write(tmp: Path) -> None:
+        save_unet_diffusers(pipe.unet, tmp / "unet")
+        unet_cfg = json.loads((tmp / "unet" / "config.json").read_text())
+        unet_cfg["sample_size"] = pipe.default_size[0] // pipe.vae.downsample_factor
+        (tmp / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
+        save_vae_diffusers(pipe.vae, tmp / "vae")
+        write_text_encoder_folder(pipe.text_encoder, tmp / "text_encoder")
+        write_tokenizer_folder(pipe.tokenizer, tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(pipe.schedule.to_diffusers_config(), indent=2) + "\n"
+        )
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    atomic_dir(folder, write)  # the rename fails on a non-empty folder that appeared meanwhile
+    return folder

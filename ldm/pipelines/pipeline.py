@@ -1,0 +1,434 @@
+"""Text to image: wires the tokenizer, text encoder, U-Net, sampler and VAE together.
+
+    pipe = Pipeline.from_pretrained("weights/v1-5-pruned-emaonly.safetensors")
+    images = pipe("a photo of a cat", steps=25, guidance_scale=7.5, seed=0)
+
+Seed semantics: image i of a call starts from noise drawn by
+`torch.Generator("cpu").manual_seed(seed + i)` (shape (1, 4, h, w)), so any image of a
+batch can be regenerated alone with seed + i; for one image this is exactly
+diffusers' `torch.randn((1, 4, h, w), generator=Generator().manual_seed(seed))`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.conditioning import Conditioning, TextConditioner
+from ldm.formats.pipeline_files import (
+    read_diffusers_folder,
+    read_single_file,
+    write_diffusers_folder,
+    write_single_file,
+)
+from ldm.models.lora import lora_scale
+from ldm.models.unet import UNet
+from ldm.models.vae import VAE, to_numpy, to_pil
+from ldm.pipelines.request import OUTPUT_TYPES, GenerationRequest
+from ldm.sampling.denoiser import Denoiser
+from ldm.sampling.noise import Noise, randn
+from ldm.sampling.plan import SamplingPlan
+from ldm.sampling.samplers import check_eta, resolve_sampler
+from ldm.sampling.schedule import NoiseSchedule
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEMO_MODEL = ASSETS / "demo" / "ldm-shapes-demo.safetensors"
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device (checked to exist), else cuda, then mps, then cpu."""
+    if device is not None and str(device) != "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device}: Apple MPS is not available on this machine; use 'auto' or 'cpu'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """float16 on GPUs, float32 elsewhere, unless asked."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the operating system (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps the memory of freed tensors for reuse; after an SD1.5 sampling loop at 512x512 that
+    is ~0.3 GB, and the VAE decode's activations would be allocated on top of it: trimming first
+    lowers the process's peak resident memory by about that much (docs/benchmarks.md).
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+        pass
+
+
+def prepare_for_inference(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """Memory layout for fast inference, chosen by measurement (docs/benchmarks.md).
+
+    bfloat16 / float16 on CPUs and CUDA GPUs: channels_last (NHWC), where oneDNN / cuDNN reduced-
+    precision convolutions run natively (2x faster U-Net convs than NCHW under autocast on this
+    CPU) and the transformer blocks' image <-> token reshapes become free views. float32: the
+    default NCHW, whose oneDNN convolutions were 13% faster here at 512x512 (and converting
+    would copy the conv weights out of the memory-mapped file: +2.4 GB resident for SD1.5).
+    The values computed are the same either way (within float rounding).
+    """
+    first = next(module.parameters(), None)
+    reduced = first is not None and first.dtype in (torch.bfloat16, torch.float16)
+    fast_layout = reduced and torch.device(device).type in ("cpu", "cuda")
+    layout = torch.channels_last if fast_layout else torch.contiguous_format
+    torch.nn.Module.to(module, memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack it
+    return module
+
+
+class Pipeline:
+    """Public parts: `unet` (ldm.UNet), `vae` (ldm.models.vae.VAE), `text_encoder` (transformers CLIPTextModel),
+    `tokenizer` (CLIPTokenizer), `schedule` (ldm.sampling.schedule.NoiseSchedule)."""
+
+    def __init__(
+        self,
+        unet: UNet,
+        vae: VAE,
+        text_encoder,
+        tokenizer,
+        schedule: NoiseSchedule,
+        default_size: tuple[int, int] = (512, 512),
+        model_path: Path | None = None,
+        default_guidance: float = 7.5,
+    ):
+        self.unet = unet.eval()
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.tokenizer = tokenizer
+        self.schedule = schedule
+        self.default_size = tuple(default_size)
+        self.default_guidance = float(default_guidance)  # the model's recommended guidance scale
+        self.compiled = False
+        self.model_path = Path(model_path) if model_path is not None else None
+        self._conditioner: TextConditioner | None = None
+
+    @property
+    def conditioner(self) -> TextConditioner:
+        """Prompts -> Conditioning, built once (again only if `tokenizer` or `text_encoder` is replaced)."""
+        c = self._conditioner
+        if c is None or c.encoder.tokenizer is not self.tokenizer or c.encoder.model is not self.text_encoder:
+            c = self._conditioner = TextConditioner(self.tokenizer, self.text_encoder)
+        return c
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        prediction_type: str | None = None,
+        ema: bool = True,
+    ) -> Pipeline:
+        """A single-file checkpoint (.safetensors / .ckpt), a diffusers folder, or (None) the embedded demo model.
+
+        prediction_type: "epsilon" or "v_prediction"; default from the folder's scheduler config or
+        the file's metadata, else "epsilon" for SD1 and "v_prediction" for SD2 (the 768-v models;
+        pass "epsilon" for SD 2.x-base files).
+        """
+        if path is None:
+            if not DEMO_MODEL.is_file():
+                raise FileNotFoundError(
+                    f"the embedded demo model ({DEMO_MODEL}) is not in this installation; pass a Stable Diffusion "
+                    "checkpoint, e.g. --weights weights/v1-5-pruned-emaonly.safetensors"
+                )
+            path = DEMO_MODEL
+        path = Path(path)
+        if not path.exists():
+            hint = (
+                " — it looks like a model hub id; ldm never downloads: fetch the files yourself and pass "
+                "their local path"
+                if "/" in str(path) and not str(path).startswith((".", "/"))
+                else ""
+            )
+            raise FileNotFoundError(
+                f"{path}: not found{hint}; pass a .safetensors/.ckpt checkpoint or a diffusers "
+                "folder (put checkpoints in weights/)"
+            )
+        if prediction_type not in (None, "epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        device = pick_device(device)
+        dtype = pick_dtype(device, dtype)
+        if path.is_dir():
+            parts = read_diffusers_folder(path, prediction_type, ema)
+        else:
+            parts = read_single_file(path, prediction_type, ema)
+        return cls(**parts).to(device, dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move U-Net and text encoder to device/dtype. The VAE follows bfloat16 (float32's range: no
+        overflow; 4x faster decoding on CPUs with bf16 units) and otherwise stays float32 (SD's VAE
+        overflows in float16: NaN / black images)."""
+        prepare_for_inference(self.unet.to(device=device, dtype=dtype), device or self.device)
+        self.text_encoder.to(device=device, dtype=dtype)
+        vae_dtype = None if dtype is None else (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        # nn.Module.to: diffusers' own .to() warns about fp32 modules on every bf16 cast (there are none here)
+        torch.nn.Module.to(self.vae, device=device, dtype=vae_dtype)
+        prepare_for_inference(self.vae, device or self.device)
+        return self
+
+    def compile(self, **kwargs) -> Pipeline:
+        """Compile the U-Net with torch.compile (inductor; kwargs go to it, e.g. mode="max-autotune").
+
+        The first call pays the compilation (~1 min for the demo model on 2 CPU cores, several for
+        SD1.5; needs a C++ compiler on CPUs), later steps run the fused code. The cross-attention
+        key/value cache is not used then (a new text per image would recompile).
+        """
+        import shutil
+
+        if self.device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c
+        ):
+            raise RuntimeError(
+                "torch.compile on a CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX); "
+                "install one, or run without compiling"
+            )
+        self.unet.compile(**kwargs)
+        self.compiled = True
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.name if self.model_path is not None else "in-memory"
+
+    # ------------------------------------------------------------------ saving
+
+    def save_single_file(self, path: str | os.PathLike) -> Path:
+        """One safetensors file in the original SD layout, with the configs in its metadata so it loads back
+        exactly (ldm.formats.pipeline_files.write_single_file)."""
+        return write_single_file(self, path)
+
+    def save_diffusers(self, folder: str | os.PathLike) -> Path:
+        """A diffusers folder that `Pipeline.from_pretrained` and diffusers' `StableDiffusionPipeline` both load
+        (ldm.formats.pipeline_files.write_diffusers_folder); never a half-written folder."""
+        return write_diffusers_folder(self, folder)
+
+    # ------------------------------------------------------------------ generation
+
+    def encode_prompt(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, clip_skip: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context, negative context), each (B, 77*k, dim)."""
+        cond, uncond = self.conditioner.encode(prompts, negative_prompts, clip_skip)
+        return cond.context, uncond.context
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        prompt_embeds: torch.Tensor | Conditioning | None = None,
+        negative_prompt_embeds: torch.Tensor | Conditioning | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[dict], None] | None = None,
+        **parameters: Any,
+    ):
+        """Images for each prompt (num_images each, in prompt order); image i starts from seed + i.
+
+        `parameters` are the fields of `GenerationRequest` (steps=25, guidance_scale=None (the model's
+        recommended value), guidance_rescale=0, eta=None, seed=0, height/width=None (the model's size),
+        num_images=1, sampler="ddim", schedule="default", clip_skip=1, lora_scale=1), validated there.
+        prompt_embeds / negative_prompt_embeds: precomputed conditioning instead of prompts (as diffusers';
+        a (B, L, dim) tensor or a Conditioning; without a negative one, `negative_prompt` or "" is encoded).
+
+        output_type: "pil" -> list of PIL images, "np" -> float32 (B, H, W, 3) in [0, 1],
+        "latent" -> the final (B, 4, h, w) latents (scaled, as the U-Net sees them).
+        guidance_scale <= 1 runs the conditional prediction only (as diffusers).
+        """
+        if prompt_embeds is None and prompt is None:
+            raise ValueError("give a prompt (or prompt_embeds)")
+        if prompt is None:
+            prompt = "" if _batch(prompt_embeds) == 1 else [""] * _batch(prompt_embeds)
+        prompt = prompt if isinstance(prompt, str) else tuple(prompt)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negative_prompt = tuple(negative_prompt)
+        try:
+            request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, **parameters)
+        except TypeError as e:  # an unknown keyword
+            raise ValueError(f"{e}; the generation parameters are {', '.join(REQUEST_FIELDS)}") from None
+        conditioning = None
+        if prompt_embeds is not None:
+            conditioning = self._given_conditioning(request, prompt_embeds, negative_prompt_embeds)
+        return self.generate(
+            request, conditioning=conditioning, output_type=output_type, progress=progress, callback=callback
+        )
+
+    # ---- the stages of a request ------------------------------------------------------------------
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the model's defaults filled in (size, guidance scale, eta), checked against the model."""
+        f = self.vae.downsample_factor
+        height = request.height or self.default_size[0]
+        width = request.width or self.default_size[1]
+        for name, side in (("height", height), ("width", width)):
+            if side % f or side < f:
+                raise ValueError(f"{name} {side} must be a positive multiple of {f} (the VAE's downsampling)")
+        guidance = self.default_guidance if request.guidance_scale is None else request.guidance_scale
+        info = resolve_sampler(request.sampler, request.schedule)[0]
+        return request.replace(height=height, width=width, guidance_scale=guidance, eta=check_eta(info, request.eta))
+
+    def encode(self, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) of the request's prompts, one row per image (prompt p's images in a row)."""
+        cond, uncond = self.conditioner.encode(request.prompts, request.negative_prompts, request.clip_skip)
+        return cond.repeat_interleave(request.num_images), uncond.repeat_interleave(request.num_images)
+
+    def denoiser(self, request: GenerationRequest, cond: Conditioning, uncond: Conditioning) -> Denoiser:
+        """The U-Net wrapped for the samplers: prediction type -> x_0, guidance bound in."""
+        unet, device = self.unet, self.device
+
+        def model(x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+            return unet(x, t.to(device), c.context)
+
+        assert request.guidance_scale is not None  # resolved
+        return Denoiser(
+            model,
+            self.schedule.prediction_type,
+            cond=cond.to(device, self.dtype),
+            uncond=uncond.to(device, self.dtype),
+            guidance_scale=request.guidance_scale,
+            guidance_rescale=request.guidance_rescale,
+            model_dtype=self.dtype,
+            conditioning=None if not (cond.schedule or uncond.schedule) else lambda i: (cond.at(i), uncond.at(i)),
+        )
+
+    def plan(self, request: GenerationRequest) -> SamplingPlan:
+        """The levels the sampler visits (all of them for txt2img; img2img takes a tail)."""
+        return resolve_sampler(request.sampler, request.schedule)[0].make_plan(
+            self.schedule, request.steps, request.schedule
+        )
+
+    def initial_noise(self, request: GenerationRequest, batch: int) -> tuple[torch.Tensor, Noise]:
+        """x_T ~ N(0, I) drawn image by image from seed + i (diffusers' randn_tensor), and the call's Noise."""
+        assert request.height is not None and request.width is not None  # resolved
+        f = self.vae.downsample_factor
+        noise = Noise.from_seeds([request.seed + i for i in range(batch)])
+        shape = (batch, self.unet.config.in_channels, request.height // f, request.width // f)
+        return randn(shape, noise.generator, device=self.device, dtype=torch.float32), noise
+
+    def sample(
+        self,
+        request: GenerationRequest,
+        denoiser: Denoiser,
+        x: torch.Tensor,
+        plan: SamplingPlan,
+        noise: Noise,
+        *,
+        progress: bool = True,
+        callback: Callable[[dict], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the request's sampler over `plan` from x, with this call's own state (text key/value cache,
+        LoRA strength), never state left on the shared modules."""
+        info = resolve_sampler(request.sampler, request.schedule)[0]
+        cache = contextlib.nullcontext() if self.compiled else self.unet.cached_context()
+        with cache, lora_scale(request.lora_scale):
+            return info.fn(denoiser, x, plan, noise=noise, eta=request.eta or 0.0, callback=callback, progress=progress)
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        if output_type == "latent":
+            return latents
+        release_freed_memory()  # before the VAE's large activations, not on top of the loop's freed heap
+        decoded = self.vae.decode(latents.float())
+        return to_pil(decoded) if output_type == "pil" else to_numpy(decoded)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        conditioning: tuple[Conditioning, Conditioning] | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        callback: Callable[[dict], None] | None = None,
+    ):
+        """txt2img: encode -> plan -> initial noise -> sample -> decode. `conditioning` (cond, uncond), one row
+        per image, replaces the encoding of the request's prompts."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        request = self.resolve(request)
+        cond, uncond = self.encode(request) if conditioning is None else conditioning
+        plan = self.plan(request)
+        x, noise = self.initial_noise(request, cond.batch)
+        latents = self.sample(
+            request,
+            self.denoiser(request, cond, uncond),
+            x * plan.noise_scale,
+            plan,
+            noise,
+            progress=progress,
+            callback=callback,
+        )
+        return self.decode(latents, output_type)
+
+    def _given_conditioning(self, request: GenerationRequest, prompt_embeds, negative_prompt_embeds):
+        cond = prompt_embeds if isinstance(prompt_embeds, Conditioning) else Conditioning(prompt_embeds)
+        if negative_prompt_embeds is None:
+            negatives = request.negative_prompts or [""] * cond.batch
+            uncond = self.conditioner.encode(negatives, None, request.clip_skip)[0]
+        elif isinstance(negative_prompt_embeds, Conditioning):
+            uncond = negative_prompt_embeds
+        else:
+            uncond = Conditioning(negative_prompt_embeds)
+        if uncond.context.shape != cond.context.shape:
+            raise ValueError(
+                f"negative_prompt_embeds {tuple(uncond.context.shape)} and prompt_embeds "
+                f"{tuple(cond.context.shape)} differ in shape; give both for the same prompts"
+            )
+        if cond.context.shape[-1] != self.unet.config.context_dim:
+            raise ValueError(
+                f"prompt_embeds are {cond.context.shape[-1]} wide, this U-Net takes {self.unet.config.context_dim}"
+            )
+        return cond.repeat_interleave(request.num_images), uncond.repeat_interleave(request.num_images)
+
+
+REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("prompt", "negative_prompt")]
+
+
+def _batch(embeds) -> int:
+    return embeds.batch if isinstance(embeds, Conditioning) else int(embeds.shape[0])
