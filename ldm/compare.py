@@ -33,7 +33,10 @@ def _diffusers_unet_from_config(cfg: dict, meta: bool):
 
 
 def unet_pair(weights: str | None = None, preset: str = "sd15", seed: int = 0, ema: bool = True):
-    """(ours, diffusers') U-Nets holding the same weights: from `weights`, or random `preset` ones."""
+    """(ours, diffusers') U-Nets holding the same weights: from `weights`, or random `preset` ones.
+
+    Both float32, whatever the file stores (the demo model and most published checkpoints are float16):
+    the comparison runs on the same inputs in the same precision, as pipeline_pair does."""
     if weights is None:
         config = {"sd15": UNetConfig.sd15, "sd21": UNetConfig.sd21}[preset]()
         with torch.device("meta"):
@@ -44,12 +47,14 @@ def unet_pair(weights: str | None = None, preset: str = "sd15", seed: int = 0, e
         theirs.load_state_dict(unet_to_diffusers_state_dict(ours.state_dict(), config), strict=True, assign=True)
         return ours, theirs.eval()
 
-    ours = load_unet(weights, ema=ema)
+    ours = load_unet(weights, ema=ema, dtype=torch.float32)
     path = Path(weights)
     if path.is_dir():
         from diffusers import UNet2DConditionModel
 
-        theirs = UNet2DConditionModel.from_pretrained(_find_diffusers_unet_folder(path), local_files_only=True)
+        theirs = UNet2DConditionModel.from_pretrained(
+            _find_diffusers_unet_folder(path), local_files_only=True, torch_dtype=torch.float32
+        )
     else:
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -59,7 +64,8 @@ def unet_pair(weights: str | None = None, preset: str = "sd15", seed: int = 0, e
             sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
         converted = convert_ldm_unet_checkpoint(sd, dcfg, extract_ema=ema)
         theirs = _diffusers_unet_from_config(dcfg, meta=True)
-        theirs.load_state_dict(converted, strict=True, assign=True)
+        # float32 as ours (assign=True would keep a float16 file's dtype)
+        theirs.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True, assign=True)
     return ours, theirs.eval()
 
 
@@ -120,11 +126,11 @@ def pipeline_pair(weights: str | None = None, device=None):
     `convert_ldm_unet_checkpoint` and shares our VAE and text encoder modules (both are already
     diffusers/transformers models; their conversions are checked in the tests).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from ldm.pipelines.pipeline import Pipeline
 
-    ours = Pipeline.from_pretrained(weights, device=device, dtype=torch.float32)
+    ours = Pipeline.from_pretrained(weights, device=device, dtype=torch.float32)  # bad weights: refused first
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler.from_config(ours.schedule.to_diffusers_config())
     path = ours.model_path
     assert path is not None  # from_pretrained records it

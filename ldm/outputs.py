@@ -29,45 +29,38 @@ from typing import Any
 
 from ldm.formats.atomic import atomic_write
 from ldm.pipelines.request import GenerationRequest
+from ldm.sampling.names import A1111_SCHEDULES, ALIASES, CATALOG, SCHEDULE_LABELS, SIGMA_SCHEDULES, resolve_name
 
 
 def a1111_sampler_name(sampler: str) -> str:
     """The name A1111 writes for one of ours ("euler_a" -> "Euler a"; the kept alias "dpmpp_2m_karras" ->
     A1111 < 1.6's "DPM++ 2M Karras"); a name the registry does not know is written as given."""
-    from ldm.sampling.samplers import ALIASES, SAMPLERS, SCHEDULE_LABELS
-
     if sampler in ALIASES:
         name, schedule = ALIASES[sampler]
-        return f"{SAMPLERS[name].a1111} {SCHEDULE_LABELS[schedule]}"
-    return SAMPLERS[sampler].a1111 if sampler in SAMPLERS else sampler
+        return f"{CATALOG[name].a1111} {SCHEDULE_LABELS[schedule]}"
+    return CATALOG[sampler].a1111 if sampler in CATALOG else sampler
 
 
 def sampler_from_a1111(label: str) -> tuple[str, str | None]:
     """(our sampler name, implied schedule or None) for an A1111 name; unknown labels come back as given."""
-    from ldm.sampling.samplers import ALIASES, SAMPLERS, resolve_sampler
-
     for alias in ALIASES:  # "DPM++ 2M Karras" reads back as the kept alias
         if label == a1111_sampler_name(alias):
             return alias, None
-    if label in SAMPLERS or label in ALIASES:
+    if label in CATALOG or label in ALIASES:
         return label, None
     try:
-        info, schedule = resolve_sampler(label)
+        entry, schedule = resolve_name(label)
     except ValueError:
         return label, None
-    return info.name, None if schedule == "default" else schedule
+    return entry.name, None if schedule == "default" else schedule
 
 
 def schedule_label(schedule: str) -> str:
     """A1111's "Schedule type" value for one of our sigma schedules ("karras" -> "Karras")."""
-    from ldm.sampling.samplers import SCHEDULE_LABELS
-
     return SCHEDULE_LABELS.get(schedule, schedule)
 
 
 def schedule_from_a1111(label: str) -> str:
-    from ldm.sampling.samplers import A1111_SCHEDULES
-
     return A1111_SCHEDULES.get(label, label)
 
 
@@ -450,24 +443,19 @@ class Generation:
 def read_generation(path: str | os.PathLike) -> Generation:
     """The generation request a PNG carries: ldm's own `ldm` record when it has one (every value exact),
     else its A1111-style `parameters` text. ValueError (naming the file, the field and the value) for a
-    file without either, or a value ldm cannot reproduce (a sampler or schedule it does not have)."""
-    from PIL import Image
+    file without either, or a value ldm cannot reproduce (a sampler or schedule it does not have).
+
+    Only the PNG's text chunks are read (never its pixels, whatever size its header claims), from a regular
+    file only (a FIFO or device is a ValueError, never a hang), each chunk bounded by the file's size and
+    a compressed one by _MAX_TEXT_BYTES once inflated."""
+    from ldm.formats.metadata import load_json
 
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            chunks = dict(getattr(im, "text", {}) or im.info)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except OSError as e:
-        raise ValueError(f"{path}: not an image ({e})") from None
-    if isinstance(chunks.get("ldm"), str):
-        try:
-            record = json.loads(chunks["ldm"])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: its 'ldm' metadata is not valid JSON ({e})") from None
+    chunks = _png_text(path)
+    if "ldm" in chunks:
+        record = load_json(chunks["ldm"], f"{path}: its 'ldm' metadata")
         return _from_record(path, record)
-    if isinstance(chunks.get("parameters"), str):
+    if "parameters" in chunks:
         return _from_parameters(path, chunks["parameters"])
     raise ValueError(
         f"{path}: no generation parameters in this PNG (no 'ldm' or 'parameters' text chunk); "
@@ -475,14 +463,148 @@ def read_generation(path: str | os.PathLike) -> Generation:
     )
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_TEXT_BYTES = 1 << 20  # one text chunk, inflated (PIL's MAX_TEXT_CHUNK); ldm's record is a few KB
+_OUR_KEYS = ("ldm", "parameters")
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    """The tEXt / zTXt / iTXt chunks of a PNG file (the first of each key), read without decoding the image.
+
+    A chunk that is damaged, oversized or undecodable is skipped, unless it is one of ldm's keys (`ldm`,
+    `parameters`): then a ValueError naming the file and the chunk. A truncated file gives the chunks before
+    the cut."""
+    import zlib
+
+    from ldm.formats.metadata import open_regular
+
+    texts: dict[str, str] = {}
+
+    def bad(key: str, problem: str) -> None:
+        if key in _OUR_KEYS:
+            raise ValueError(f"{path}: its {key!r} text chunk {problem}")
+
+    def inflate(key: str, data: bytes) -> bytes | None:
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(data, _MAX_TEXT_BYTES)
+        except zlib.error:
+            bad(key, "is corrupt (its compressed text does not inflate)")
+            return None
+        if d.unconsumed_tail:
+            bad(key, f"inflates to more than {_MAX_TEXT_BYTES} bytes")
+            return None
+        return out
+
+    with open_regular(path) as (f, size, _):
+        if f.read(8) != _PNG_SIGNATURE:
+            raise ValueError(f"{path}: not a PNG image (ldm reads generation parameters from a PNG's text chunks)")
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if f.tell() + length + 4 > size:
+                break  # truncated or a crafted length: nothing past here can be read
+            if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                if kind == b"IEND":
+                    break
+                f.seek(length + 4, os.SEEK_CUR)
+                continue
+            data = f.read(min(length, _MAX_TEXT_BYTES + 80))
+            f.seek(length - len(data) + 4, os.SEEK_CUR)
+            raw_key, sep, rest = data.partition(b"\0")
+            key = raw_key.decode("latin-1")
+            if not sep or key in texts:
+                continue
+            if length > len(data):
+                bad(key, f"is larger than {_MAX_TEXT_BYTES} bytes")
+                continue
+            value: bytes | None
+            encoding = "latin-1"
+            if kind == b"tEXt":
+                value = rest
+            elif kind == b"zTXt":
+                value = inflate(key, rest[1:]) if rest[:1] == b"\0" else None
+            else:  # iTXt: compression flag, method, language tag, translated keyword, text (UTF-8)
+                encoding = "utf-8"
+                flag, method = rest[:1], rest[1:2]
+                parts = rest[2:].split(b"\0", 2)
+                if len(parts) < 3 or flag not in (b"\0", b"\1") or (flag == b"\1" and method != b"\0"):
+                    bad(key, "is malformed")
+                    continue
+                value = inflate(key, parts[2]) if flag == b"\1" else parts[2]
+            if value is None:
+                continue
+            try:
+                texts[key] = value.decode(encoding)
+            except UnicodeDecodeError:
+                bad(key, f"is not valid {encoding} text")
+    return texts
+
+
 def _request(path: Path, fields: dict[str, Any]) -> GenerationRequest:
     try:
         return GenerationRequest(**fields)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _from_record(path: Path, record: dict[str, Any]) -> Generation:
+_RECORD_NUMBERS = (
+    "steps",
+    "guidance_scale",
+    "guidance_rescale",
+    "eta",
+    "seed",
+    "height",
+    "width",
+    "num_images",
+    "clip_skip",
+    "lora_scale",
+)
+
+
+def _record_value_ok(key: str, value: Any) -> bool:
+    """Whether a field of an `ldm` record has a JSON type the request takes (GenerationRequest checks ranges)."""
+    if value is None:
+        return key not in ("prompt",)
+    if key in ("prompt", "negative_prompt"):
+        return isinstance(value, str) or (
+            isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+        )
+    if key in ("sampler", "schedule", "output_type"):
+        return isinstance(value, str)
+    if key in _RECORD_NUMBERS:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (str, int, float, bool))
+
+
+def _check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """The record's settings (model, device, LoRAs, batch) have the types their readers expect."""
+    for key, value in settings.items():
+        if key == "loras":
+            ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        elif key == "batch":
+            ok = (
+                isinstance(value, list)
+                and len(value) == 2
+                and all(type(v) is int for v in value)
+                and 0 <= value[0] < value[1] <= 100_000
+            )
+        elif key == "prediction_type":
+            ok = value in ("epsilon", "v_prediction")
+        else:
+            ok = value is None or (isinstance(value, str) and len(value) <= 1000)
+        if not ok:
+            shown = repr(value)
+            raise ValueError(
+                f"{path}: its 'ldm' metadata {key}={shown[:80] + '...' if len(shown) > 80 else shown} is invalid"
+            )
+
+
+def _from_record(path: Path, record: Any) -> Generation:
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: its 'ldm' metadata is a JSON {type(record).__name__}, not an object")
     names = {f.name for f in dataclasses.fields(GenerationRequest)}
     fields = {k: v for k, v in record.items() if k in names}
     if "prompt" not in fields:
@@ -490,6 +612,14 @@ def _from_record(path: Path, record: dict[str, Any]) -> Generation:
     settings = {k: record[k] for k in SETTINGS_KEYS if k in record}
     if "lora_scale" not in fields and "lora_scale" in record:  # ldm < 0.2 kept it among the settings
         fields["lora_scale"] = record["lora_scale"]
+    for key, value in fields.items():
+        if not _record_value_ok(key, value):
+            shown = repr(value)
+            raise ValueError(
+                f"{path}: its 'ldm' metadata {key}={shown[:80] + '...' if len(shown) > 80 else shown} "
+                "has the wrong type"
+            )
+    _check_settings(path, settings)
     ignored = [k for k in record if k not in names and k not in SETTINGS_KEYS and k != "ldm_version"]
     return Generation(_request(path, fields), settings, ignored, "ldm")
 
@@ -517,15 +647,11 @@ def _from_parameters(path: Path, text: str) -> Generation:
         key = "sampler" if label == "Sampler" else "schedule"
         fields[key] = value
     if "sampler" in fields:
-        from ldm.sampling.samplers import resolve_sampler
-
         try:
-            resolve_sampler(fields["sampler"], fields.get("schedule"))
+            resolve_name(fields["sampler"], fields.get("schedule"))
         except ValueError as e:
             raise ValueError(f"{path}: Sampler: {fields['sampler']!r}: {e}") from None
     elif "schedule" in fields:
-        from ldm.sampling.samplers import SIGMA_SCHEDULES
-
         if fields["schedule"] not in SIGMA_SCHEDULES:
             raise ValueError(
                 f"{path}: Schedule type: {fields['schedule']!r} is not one ldm has; it has {', '.join(SIGMA_SCHEDULES)}"

@@ -1,8 +1,10 @@
 """Reading U-Nets from single files and diffusers folders, export, and refusal of bad input."""
 
 import json
+import os
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,20 +198,53 @@ def test_malicious_ckpt_does_not_run(tmp_path):
     with open(q, "wb") as f:
         pickle.dump({"x": _RunsCode(marker)}, f, protocol=2)
     for path in (p, q):
-        with pytest.raises(
-            ValueError, match=r"refused to load — the pickle calls (io|builtins)\.open, which may run code"
-        ):
+        with pytest.raises(ValueError, match=r"refused to load: the pickle asks to call (io\.|builtins\.)?open ") as e:
             load_unet(path)
+        _assert_refusal_gives_no_unsafe_advice(str(e.value))
     r = tmp_path / "evil_protocol4.ckpt"  # an opcode the safe unpickler does not know: refused before any call
     with open(r, "wb") as f:
         pickle.dump({"x": _RunsCode(marker)}, f, protocol=4)
-    with pytest.raises(ValueError, match="evil_protocol4.ckpt: not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="evil_protocol4.ckpt: not a readable PyTorch checkpoint") as e:
         load_unet(r)
+    assert "weights_only" not in str(e.value) and len(str(e.value).splitlines()) == 1
     assert not marker.exists()
     # sanity: the payload really does run under an unsafe load
     with open(q, "rb") as f:
         pickle.load(f)  # noqa: S301 (on purpose)
     assert marker.exists()
+
+
+def _assert_refusal_gives_no_unsafe_advice(message: str) -> None:
+    assert len(message.splitlines()) == 1, message
+    assert "ldm does not run code from checkpoints" in message
+    for advice in ("weights_only", "safe_globals", "truncated", "download it again", "trust"):
+        assert advice not in message, message
+
+
+class _CallsSystem:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_refused_pickle_names_the_callable_and_never_suggests_weights_only_false(tmp_path, legacy):
+    """torch's refusal says to re-run with weights_only=False (which would run the payload): ldm reports
+    the callable the pickle asked for instead, in one line."""
+    p = tmp_path / "evil.ckpt"
+    if legacy:
+        with open(p, "wb") as f:
+            pickle.dump({"x": _CallsSystem()}, f, protocol=2)
+    else:
+        torch.save({"x": _CallsSystem()}, p)
+    with pytest.raises(
+        ValueError, match=r"evil\.ckpt: refused to load: the pickle asks to call os\.system \(GLOBAL "
+    ) as e:
+        read_state_dict(p)
+    _assert_refusal_gives_no_unsafe_advice(str(e.value))
+    torch.save({"model": torch.nn.Linear(2, 2)}, p)  # a whole pickled module: a class, refused the same way
+    with pytest.raises(ValueError, match=r"asks to call torch\.nn\.modules\.linear\.Linear") as e:
+        read_state_dict(p)
+    _assert_refusal_gives_no_unsafe_advice(str(e.value))
 
 
 def test_diffusers_folder_errors(tmp_path):
@@ -252,3 +287,188 @@ def test_written_files_get_the_usual_mode(tmp_path):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"m.safetensors": 0o644, "i.png": 0o644, "step-1": 0o755}
+
+
+# ------------------------------------------------------------------ hostile files: claims bounded by the file
+
+
+def _safetensors_with_header(path, header: dict, data: bytes = b"\0" * 16, length: int | None = None):
+    text = json.dumps(header).encode()
+    path.write_bytes((len(text) if length is None else length).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header, length, problem",
+    [
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 10**12, "header claims 1000000000000 bytes"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 2**64 - 1, "more than the 100000000"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 5000, "the file has"),
+        ({"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, None, "needs 4000000000000 bytes"),
+        ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, None, "needs"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 10**12]}}, None, "beyond the 16 bytes of data"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, None, "beyond the 16 bytes"),
+        ({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, None, "is not a list of sizes"),
+        ({"a": {"dtype": "F4", "shape": [32], "data_offsets": [0, 16]}}, None, "dtype 'F4' is not one torch reads"),
+        ({"a": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, None, "dtype \\['F32'\\]"),
+        ({"a": [1, 2]}, None, "its entry is \\[1, 2\\], not an object"),
+        ({"__metadata__": {"k": 5}}, None, "__metadata__ is not a map of strings"),
+    ],
+)
+def test_safetensors_claims_are_bounded_by_the_file(tmp_path, header, length, problem):
+    """Header length, shapes and offsets are checked against the file's size before anything is read: a
+    one-line ValueError naming the file and the problem, not an allocation of what the header claims."""
+    import tracemalloc
+
+    p = _safetensors_with_header(tmp_path / "crafted.safetensors", header, length=length)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=problem) as e:
+            read_state_dict(p)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert str(p) in str(e.value) and "\n" not in str(e.value)
+    assert peak < 1 << 20
+
+
+def test_zip_entries_must_be_stored_and_inside_the_file(tmp_path):
+    """torch inflates a compressed entry into memory whatever it claims (a 30 KB file -> 30 MB here, a
+    zip bomb), and with mmap reads a compressed tensor's bytes as its values: torch.save never compresses,
+    so ldm refuses compressed entries."""
+    import zipfile
+
+    torch.save({"a": torch.ones(4)}, tmp_path / "ok.ckpt")
+    with zipfile.ZipFile(tmp_path / "ok.ckpt") as zi, zipfile.ZipFile(tmp_path / "bomb.ckpt", "w") as zo:
+        for info in zi.infolist():
+            data = zi.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data += b"\0" * 30_000_000  # ignored after the pickle's STOP
+            zo.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+    assert (tmp_path / "bomb.ckpt").stat().st_size < 100_000
+    with pytest.raises(ValueError, match=r"bomb\.ckpt: zip entry '.*data\.pkl' is compressed"):
+        read_state_dict(tmp_path / "bomb.ckpt")
+    with zipfile.ZipFile(tmp_path / "ok.ckpt") as zi, zipfile.ZipFile(tmp_path / "deflated.ckpt", "w") as zo:
+        for info in zi.infolist():  # the tensor's bytes deflated: torch's mmap would read them as floats
+            zo.writestr(info.filename, zi.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(ValueError, match="is compressed"):
+        read_state_dict(tmp_path / "deflated.ckpt")
+    assert torch.equal(read_state_dict(tmp_path / "ok.ckpt")["a"], torch.ones(4))
+
+
+def test_legacy_pickle_claims_are_bounded_by_the_file(tmp_path):
+    """The legacy (non-zip) format: a storage declaring 400 MB in a 400-byte file is refused before torch
+    allocates it, and a string length of 2 GB costs no 2 GB read buffer."""
+    import struct
+    import tracemalloc
+
+    torch.save({"a": torch.zeros(4)}, tmp_path / "ok.ckpt", _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(tmp_path / "ok.ckpt")["a"], torch.zeros(4))
+    data = (tmp_path / "ok.ckpt").read_bytes()
+    i = data.index(b"cpu") + 5  # after 'cpu' and its BINPUT: the storage's element count, BININT1 4
+    assert data[i : i + 2] == b"K\x04"
+    big = data[:i] + b"J" + struct.pack("<i", 10**8) + data[i + 2 :]
+    (tmp_path / "big.ckpt").write_bytes(big)
+    with pytest.raises(ValueError, match=r"big\.ckpt: its pickle declares 400000000 bytes of tensors, the file has"):
+        read_state_dict(tmp_path / "big.ckpt")
+    j = data.index(b"little_endian") - 5  # BINUNICODE and its 4-byte length
+    assert data[j : j + 1] == b"X"
+    long = data[: j + 1] + struct.pack("<I", 2**31 - 1) + data[j + 5 :]
+    (tmp_path / "long.ckpt").write_bytes(long)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"long\.ckpt: not a readable PyTorch checkpoint"):
+            read_state_dict(tmp_path / "long.ckpt")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+# ------------------------------------------------------------------ crafted model metadata: checked like flags
+
+DEMO = Path(ldm.__file__).parent / "assets" / "demo" / "ldm-shapes-demo.safetensors"
+
+
+def _demo_records():
+    from ldm.formats.metadata import safetensors_header
+
+    return {k: json.loads(v) for k, v in safetensors_header(DEMO)[1].items() if k.startswith("ldm_") and v[:1] == "{"}
+
+
+@pytest.mark.parametrize(
+    "record, path, value, problem",
+    [
+        ("ldm_pipeline", ["sample_size"], "abc", "sample_size='abc' is invalid: expected an integer in 64..8192"),
+        ("ldm_pipeline", ["sample_size"], 10**9, "sample_size=1000000000 is invalid"),
+        ("ldm_pipeline", ["sample_size"], True, "sample_size=True is invalid"),
+        ("ldm_pipeline", ["sample_size"], 100, "expected a multiple of 8"),
+        ("ldm_pipeline", ["guidance_scale"], float("nan"), "guidance_scale=nan is invalid: expected a finite"),
+        ("ldm_pipeline", ["guidance_scale"], -1, "guidance_scale=-1 is invalid"),
+        ("ldm_pipeline", ["guidance_scale"], 1e30, "guidance_scale=1e\\+30 is invalid"),
+        ("ldm_pipeline", ["prediction_type"], "sample_x", "prediction_type='sample_x' is invalid: expected one of"),
+        ("ldm_pipeline", ["text_kind"], "sdxl", "text_kind='sdxl' is invalid"),
+        ("ldm_pipeline", ["pad_token"], 5, "pad_token=5 is invalid"),
+        ("ldm_pipeline", ["text_encoder_config", "vocab_size"], 10**12, "vocab_size=1000000000000 is invalid"),
+        ("ldm_pipeline", ["text_encoder_config", "vocab_size"], "big", "vocab_size='big' is invalid"),
+        ("ldm_pipeline", ["text_encoder_config", "max_position_embeddings"], 10**9, "max_position_embeddings="),
+        ("ldm_pipeline", ["text_encoder_config", "num_attention_heads"], 3, "expected a divisor of hidden_size=128"),
+        ("ldm_pipeline", ["text_encoder_config", "hidden_act"], "os.system", "hidden_act='os.system' is invalid"),
+        ("ldm_pipeline", ["scheduler", "num_train_timesteps"], 10**12, "num_train_timesteps=1000000000000"),
+        ("ldm_pipeline", ["scheduler", "beta_end"], float("inf"), "beta_end=inf is invalid"),
+        ("ldm_pipeline", ["scheduler", "trained_betas"], [0.5], "expected null or a list of 1000 numbers"),
+        ("ldm_pipeline", [], [1, 2], "stored ldm_pipeline is \\[1, 2\\], not a JSON object"),
+        ("ldm_unet_config", ["num_res_blocks"], 10**6, "num_res_blocks=1000000 is invalid"),
+        ("ldm_unet_config", ["norm_groups"], 0, "norm_groups=0 is invalid"),
+        ("ldm_unet_config", ["channel_mult"], "abc", "channel_mult='abc' is invalid"),
+        ("ldm_unet_config", ["model_channels"], 64.5, "model_channels=64.5 is invalid"),
+        ("ldm_unet_config", ["attention_levels"], [0, 9], "attention_levels=\\[0, 9\\] is invalid"),
+        ("ldm_unet_config", ["num_heads"], 8, "set exactly one of num_heads"),
+        ("ldm_vae_config", ["block_out_channels"], [10**9], "block_out_channels=\\[1000000000\\] is invalid"),
+        ("ldm_vae_config", ["scaling_factor"], float("nan"), "scaling_factor=nan is invalid"),
+        ("ldm_vae_config", ["down_block_types"], ["DownEncoderBlock2D"], "expected a list of 3"),
+    ],
+)
+def test_crafted_model_metadata_is_refused_naming_the_key_and_value(tmp_path, record, path, value, problem):
+    """Every value ldm stores in a model file's metadata is checked as a flag is (type, finite, range) before
+    any tensor is read: a one-line ValueError naming the file, the key and the value — never a TypeError,
+    a NaN used silently or an allocation sized by the file's claims."""
+    from ldm.formats.pipeline_files import read_single_file_metadata
+
+    records = _demo_records()
+    target = records[record]
+    if path:
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    else:
+        records[record] = value
+    p = tmp_path / "crafted.safetensors"
+    save_file({"x": torch.zeros(2)}, p, metadata={k: json.dumps(v) for k, v in records.items()})
+    with pytest.raises(ValueError, match=problem) as e:
+        read_single_file_metadata(p)
+    assert str(e.value).startswith(f"{p}: ") and "\n" not in str(e.value)
+
+
+def test_demo_metadata_passes_the_checks(tmp_path):
+    from ldm.formats.pipeline_files import read_single_file_metadata
+
+    stored = read_single_file_metadata(DEMO)
+    assert stored["pipeline"]["sample_size"] == 64 and stored["pipeline"]["guidance_scale"] == 2.5
+    assert stored["unet"].head_dim == 32 and stored["vae"]["norm_num_groups"] == 8
+
+
+def test_nan_guidance_in_a_model_file_is_refused_before_loading(tmp_path):
+    """The issue's case: a NaN guidance scale stored in a model file was used and written into PNGs as
+    `CFG scale: nan`. Now from_pretrained refuses the file, before reading its tensors."""
+    from ldm.formats.metadata import safetensors_header
+
+    header, meta = safetensors_header(DEMO)
+    record = json.loads(meta["ldm_pipeline"])
+    record["guidance_scale"] = float("nan")
+    text = json.dumps({"__metadata__": {**meta, "ldm_pipeline": json.dumps(record)}, **header}).encode()
+    data = DEMO.read_bytes()
+    p = tmp_path / "nan_guidance.safetensors"
+    p.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + int.from_bytes(data[:8], "little") :])
+    with pytest.raises(ValueError, match=r"nan_guidance\.safetensors: stored ldm_pipeline guidance_scale=nan"):
+        ldm.Pipeline.from_pretrained(p)

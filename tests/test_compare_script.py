@@ -31,11 +31,31 @@ def test_single_file_and_folder(tmp_path, capsys):
 
 
 def test_bad_input_exit_codes(tmp_path, capsys):
+    """More cases, each in a fresh process that never imports torch: tests/test_cli_faults.py."""
     assert compare_diffusers.main(["--weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors: not found" in capsys.readouterr().err
+    assert compare_diffusers.main(["--height", "500"]) == 2
+    assert capsys.readouterr().err == "error: --height 500 must be a multiple of 8 in 8 .. 8192\n"
     with pytest.raises(SystemExit) as e:
-        compare_diffusers.main(["--height", "500"])
-    assert e.value.code == 2
+        compare_diffusers.main(["--height", "tall"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: argument --height: invalid int")
+
+
+def test_unet_mode_on_float16_files(tmp_path, capsys):
+    """float16 files (the demo model, most published checkpoints; a float16 diffusers folder): both U-Nets
+    are compared in float32, as in pipeline mode, instead of failing on a dtype mismatch."""
+    import torch
+
+    from ldm.pipelines.pipeline import DEMO_MODEL
+
+    assert compare_diffusers.main(["--weights", str(DEMO_MODEL), "--height", "64", "--width", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "in_channels=4" in out and _max_diff(out) <= 1e-5, out
+
+    half = random_weights_(UNet(tiny_sd1_config(num_heads=8, norm_groups=32)), seed=2).to(torch.float16)
+    folder = save_unet_diffusers(half, tmp_path / "pipe" / "unet")
+    assert compare_diffusers.main(["--weights", str(folder.parent), "--height", "32", "--width", "32"]) == 0
+    assert _max_diff(capsys.readouterr().out) <= 1e-5
 
 
 def _stage(out: str, name: str) -> float:

@@ -352,6 +352,56 @@ def test_bad_files_are_refused_naming_the_tensor(tmp_path):
     assert "unknown tensor 'something_else.weight'" in msg
 
 
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        (Q + ".alpha", torch.tensor(float("nan")), "is not one finite number >= 0"),
+        (Q + ".alpha", torch.tensor(float("inf")), "is not one finite number >= 0"),
+        (Q + ".alpha", torch.tensor(-1.0), "is not one finite number >= 0"),
+        (Q + ".alpha", torch.tensor([4.0, 4.0]), r"\(shape \(2,\)\) is not one finite number"),
+        (Q + ".lora_down.weight", torch.full((4, 32), float("nan")), "holds NaN or infinite values"),
+        (Q + ".lora_up.weight", torch.zeros(32, 4, dtype=torch.int32), "is torch.int32; LoRA weights are floating"),
+        (Q + ".lora_down.weight", torch.zeros(0, 32), "a LoRA needs rank >= 1"),
+    ],
+)
+@pytest.mark.parametrize("merge", [False, True], ids=["adapters", "merged"])
+def test_crafted_lora_values_are_refused_in_one_line(tmp_path, key, value, problem, merge):
+    """Values a file may hold that would give NaN images, a ZeroDivisionError or an error naming no file:
+    each a ValueError naming the file and the tensor, before the model is changed."""
+    sd = read_state_dict(save_lora(_trained(tiny_sd1_config()), tmp_path / "lora.safetensors"))
+    sd[key] = value
+    if key.endswith("lora_down.weight") and value.shape[0] == 0:
+        sd[Q + ".lora_up.weight"] = torch.zeros(32, 0)
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    unet = _unet(tiny_sd1_config())
+    before = copy.deepcopy(unet.state_dict())
+    with pytest.raises(ValueError, match=problem) as e:
+        load_lora(unet, tmp_path / "bad.safetensors", merge=merge)
+    message = str(e.value)
+    assert "bad.safetensors" in message and key in message and "\n" not in message
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "metadata, problem",
+    [
+        ("{not json", "lora_adapter_metadata: not valid JSON"),
+        ("[" * 100_000, "nested too deeply"),
+        (json.dumps({"unet.lora_alpha": "big"}), "lora_alpha='big' is not a finite number"),
+        (json.dumps({"lora_alpha": float("nan")}), "lora_alpha=nan is not a finite number"),
+        (json.dumps({"alpha_pattern": [1, 2]}), "alpha_pattern=.* is not a map of names to numbers"),
+    ],
+)
+def test_crafted_peft_metadata_is_refused(tmp_path, metadata, problem):
+    sd = read_state_dict(save_lora(_trained(tiny_sd1_config()), tmp_path / "lora.safetensors"))
+    sd = {k: v for k, v in sd.items() if not k.endswith(".alpha")}  # alpha from the PEFT metadata, then
+    save_file(sd, str(tmp_path / "peft.safetensors"), metadata={"lora_adapter_metadata": metadata})
+    with pytest.raises(ValueError, match=problem) as e:
+        load_lora(_unet(tiny_sd1_config()), tmp_path / "peft.safetensors")
+    assert "peft.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_load_refuses_a_second_unmerged_lora_and_another_model(tmp_path):
     path = save_lora(_trained(tiny_sd1_config()), tmp_path / "sd1.safetensors")
     unet = _unet(tiny_sd1_config())

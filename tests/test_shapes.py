@@ -272,6 +272,15 @@ class FakePipe:
     def __init__(self, blank=False, ignore_order=False):
         self.blank, self.ignore_order, self.calls = blank, ignore_order, []
         self.default_guidance = 4.0  # a model's recommended guidance, used when none is given
+        # what eval_shapes checks against before running: the schedule's length, the size and memory
+        from types import SimpleNamespace
+
+        import torch
+
+        from ldm.sampling.schedule import NoiseSchedule
+
+        self.schedule, self.default_size = NoiseSchedule(), (64, 64)
+        self.unet, self.device = SimpleNamespace(config=SimpleNamespace(model_channels=32)), torch.device("cpu")
 
     def __call__(
         self, prompt, steps=25, guidance_scale=7.5, seed=0, num_images=1, output_type="pil", progress=True, **kw

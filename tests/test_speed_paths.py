@@ -213,3 +213,25 @@ def test_benchmark_refuses_a_non_folder(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "not a diffusers folder" in done.stderr
+
+
+def test_benchmark_soak_mode_runs_and_judges_memory(tmp_path, capsys, monkeypatch):
+    """`benchmark.py --only soak` (run by hand with 1000 generations, docs/benchmarks.md) on 3: RSS after the
+    reference generation and the last, their ratio, the verdict and the exit code agree; growing RSS fails."""
+    from ldm.cli import benchmark
+
+    out = tmp_path / "soak.json"
+    argv = ["--only", "soak", "--soak-n", "3", "--soak-reference", "2", "--soak-steps", "1", "--json", str(out)]
+    rc = benchmark.main(argv)
+    soak = json.loads(out.read_text())["soak"]
+    assert soak["generations"] == 3 and soak["steps"] == 1 and soak["reference_generation"] == 2
+    assert soak["rss_reference_mib"] > 0 and soak["ratio"] == soak["rss_last_mib"] / soak["rss_reference_mib"]
+    assert rc == (0 if soak["passed"] else 1) and "weights" not in json.loads(out.read_text())
+    assert "ratio" in capsys.readouterr().out
+
+    readings = iter(range(100, 1000, 10))  # MiB: +10% from generation 2 to 3
+    monkeypatch.setattr(benchmark, "rss_bytes", lambda: next(readings) * 2**20)
+    assert benchmark.main(argv) == 1
+    assert json.loads(out.read_text())["soak"]["passed"] is False and "FAIL" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        benchmark.main(["--only", "soak", "--soak-n", "3", "--soak-reference", "4"])

@@ -510,7 +510,7 @@ def test_text_encoder_lr_is_its_own_param_group(tmp_path, tiny_train_base):
     moved = {k: (p.detach() - before[k]).abs().max().item() for k, p in trainer.trainable.items()}
     assert max(v for k, v in moved.items() if k.startswith("text_encoder.")) < 1e-4  # 2 Adam steps of <= 1e-5
     assert max(v for k, v in moved.items() if k.startswith("unet.")) > 1e-4
-    with pytest.raises(ValueError, match="text_encoder_lr must be > 0"):
+    with pytest.raises(ValueError, match="text_encoder_lr 0.0 must be > 0"):
         _cfg(tmp_path, tiny_train_base, data, text_encoder_lr=0.0)
 
 

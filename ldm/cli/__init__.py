@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from contextvars import ContextVar
+from typing import NoReturn
 
 # subcommand -> (module in ldm.cli, one-line description)
 COMMANDS = {
@@ -33,6 +34,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own refusals (a non-number, an unknown flag, an invalid choice) as one line on stderr, exit 2,
+    like every other refusal of the commands."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def fail(message: str) -> int:
+    """Print `error: message` on stderr; the exit code of a refusal (2)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 _COMMAND_NAME: ContextVar[str | None] = ContextVar("ldm_command_name", default=None)

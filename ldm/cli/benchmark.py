@@ -18,6 +18,10 @@ hits both alike; the figures that matter are the ratios (diffusers time / ldm ti
   e2e      txt2img at --e2e-size, --steps DDIM steps, guidance 7.5, each library in a fresh child
            process (so peak memory is its own): time, peak RSS (CPU) or peak allocated (CUDA),
            the image; ldm bf16 against ldm fp32 as PSNR.
+  soak     (run by hand, not part of the default set) --soak-n generations of --soak-steps DDIM steps in
+           this one process through Pipeline.from_pretrained() (the embedded demo model, or --weights):
+           resident memory after generation --soak-reference and after the last; passes (exit 0) when
+           the last is within --soak-tolerance of the reference, otherwise exit 1.
 
 Weights: an SD1.5-size model with random weights (written once as a diffusers folder under
 --cache-dir), or --weights (a diffusers folder).
@@ -25,6 +29,7 @@ Weights: an SD1.5-size model with random weights (written once as a diffusers fo
     python scripts/benchmark.py                                  # all of it on CPU (~30 min on 2 cores)
     python scripts/benchmark.py --only unet --sizes 512 --dtypes fp32 --repeats 3
     python scripts/benchmark.py --device cuda --dtypes fp32 fp16 --json bench.json
+    python scripts/benchmark.py --only soak --json soak.json     # 1000 demo-model generations, memory
 """
 
 from __future__ import annotations
@@ -585,6 +590,65 @@ def bench_e2e(args, folder: Path) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- soak (one long-lived process)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (not its peak): /proc/self/statm, else psutil."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil  # not on Linux: psutil, where installed
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def bench_soak(args) -> dict:
+    """args.soak_n generations in this process, each a new prompt and seed; RSS after the reference one
+    and after the last (a garbage collection first, so only memory still held counts)."""
+    import gc
+
+    from ldm.demo.shapes import eval_prompts
+    from ldm.pipelines.pipeline import Pipeline
+
+    n, reference = args.soak_n, args.soak_reference
+    pipe = Pipeline.from_pretrained(args.weights, device=args.device)
+    prompts = [q.prompt for q in eval_prompts(240)]
+    every = max(1, n // 20)
+    samples: list[tuple[int, int]] = []
+    rss_reference = rss_last = 0
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        images = pipe(prompts[(i - 1) % len(prompts)], steps=args.soak_steps, seed=i, output_type="pil", progress=False)
+        del images
+        if i in (reference, n) or i % every == 0:
+            gc.collect()
+            rss = rss_bytes()
+            samples.append((i, rss))
+            if i == reference:
+                rss_reference = rss
+            if i == n:
+                rss_last = rss
+            print(f"  soak {i}/{n}: RSS {rss / 2**20:.1f} MiB", file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    ratio = rss_last / rss_reference
+    return {
+        "model": str(pipe.model_path),
+        "generations": n,
+        "steps": args.soak_steps,
+        "reference_generation": reference,
+        "rss_reference_mib": rss_reference / 2**20,
+        "rss_last_mib": rss_last / 2**20,
+        "ratio": ratio,
+        "tolerance": args.soak_tolerance,
+        "passed": ratio <= 1 + args.soak_tolerance,
+        "seconds": seconds,
+        "seconds_per_generation": seconds / n,
+        "rss_samples_mib": [[i, rss / 2**20] for i, rss in samples],
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -624,9 +688,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["unet", "profile", "parts", "e2e", "memory"],
+        choices=["unet", "profile", "parts", "e2e", "memory", "soak"],
         default=["unet", "profile", "parts", "e2e", "memory"],
-        help="which benchmarks to run",
+        help="which benchmarks to run (soak only when named)",
     )
     p.add_argument("--weights", default=None, help="a diffusers folder (default: random SD1.5-size weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -657,6 +721,14 @@ def main(argv=None) -> int:
         help="where the random weights are written once",
     )
     p.add_argument("--json", default=None, help="write all figures here")
+    p.add_argument("--soak-n", type=int, default=1000, help="soak: generations in one process")
+    p.add_argument("--soak-steps", type=int, default=4, help="soak: DDIM steps per generation")
+    p.add_argument(
+        "--soak-reference", type=int, default=100, help="soak: the generation whose RSS the last one is held to"
+    )
+    p.add_argument(
+        "--soak-tolerance", type=float, default=0.05, help="soak: allowed growth of RSS past the reference (0.05 = 5%%)"
+    )
     p.add_argument(
         "--child",
         choices=["ldm", "diffusers", "vae-full", "vae-tiled", "unet-ldm", "unet-diffusers", "attn-full", "attn-sliced"],
@@ -671,6 +743,13 @@ def main(argv=None) -> int:
         p.error(f"sizes {bad} must be positive multiples of 64")
     if min(args.repeats, args.e2e_repeats, args.steps) < 1 or args.warmup < 0:
         p.error("--repeats, --e2e-repeats and --steps must be >= 1, --warmup >= 0")
+    if "soak" in args.only:
+        if args.soak_n < 1 or not 1 <= args.soak_steps <= 1000:
+            p.error("--soak-n must be >= 1 and --soak-steps in 1 .. 1000")
+        if not 1 <= args.soak_reference <= args.soak_n:
+            p.error(f"--soak-reference {args.soak_reference} must be in 1 .. --soak-n ({args.soak_n})")
+        if not 0 <= args.soak_tolerance < 1:
+            p.error(f"--soak-tolerance {args.soak_tolerance} must be in 0 .. 1 (a fraction)")
     if args.weights is not None and not (Path(args.weights) / "model_index.json").is_file():
         print(
             f"error: --weights {args.weights}: not a diffusers folder (no model_index.json); pass one, or leave "
@@ -691,9 +770,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    folder = Path(args.weights) if args.weights else random_sd15_folder(Path(args.cache_dir))
-    report = {"machine": describe_machine(args.device), "weights": str(folder), "settings": vars(args)}
+    report: dict = {"machine": describe_machine(args.device), "settings": vars(args)}
     print(json.dumps(report["machine"]), file=sys.stderr)
+    if "soak" in args.only:  # first: nothing else loaded in this process yet
+        print(f"soak: {args.soak_n} generations of {args.soak_steps} DDIM steps in this process", file=sys.stderr)
+        report["soak"] = bench_soak(args)
+        if set(args.only) == {"soak"}:
+            return _finish(args, report)
+    folder = Path(args.weights) if args.weights else random_sd15_folder(Path(args.cache_dir))
+    report["weights"] = str(folder)
     if "e2e" in args.only:
         print(f"end to end: {args.e2e_size}px, {args.steps} DDIM steps, one fresh process per run", file=sys.stderr)
         report["e2e"] = bench_e2e(args, folder)
@@ -716,14 +801,29 @@ def main(argv=None) -> int:
         report["parts"] = bench_parts(folder, args.repeats, args.device)
     if "memory" in args.only:
         report["memory"] = bench_memory(args, folder)
+    return _finish(args, report)
+
+
+def _finish(args, report: dict) -> int:
+    """Print and write the report; exit 1 when a soak did not hold its memory."""
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    return 0
+    return 1 if "soak" in report and not report["soak"]["passed"] else 0
 
 
 def format_report(r: dict) -> str:
-    lines = [f"machine: {json.dumps(r['machine'])}", f"weights: {r['weights']}"]
+    lines = [f"machine: {json.dumps(r['machine'])}"] + ([f"weights: {r['weights']}"] if "weights" in r else [])
+    if "soak" in r:
+        k = r["soak"]
+        lines += [
+            "",
+            f"soak: {k['generations']} generations of {k['steps']} DDIM steps in one process ({k['model']}), "
+            f"{k['seconds_per_generation']:.3f} s each",
+            f"  RSS after generation {k['reference_generation']}: {k['rss_reference_mib']:.1f} MiB; "
+            f"after the last: {k['rss_last_mib']:.1f} MiB; ratio {k['ratio']:.4f} "
+            f"({'PASS' if k['passed'] else 'FAIL'}: limit {1 + k['tolerance']:.2f})",
+        ]
     if "unet" in r:
         lines += [
             "",

@@ -12,8 +12,92 @@ U-Net prediction, final latents and images (max abs, PSNR), and the time of each
     python scripts/compare_diffusers.py --weights weights/sd15.safetensors --prompt "a photo of a cat" --steps 20
 """
 
-import argparse
+import re
 import sys
+from pathlib import Path
+
+SEED_MAX = 2**32 - 1  # torch's CPU generator keeps 32 bits: larger seeds repeat smaller ones
+MAX_SIDE = 8192  # pixels; beyond any model's training size (the memory needed grows with its square)
+SD_UNET_BYTES = 860_000_000 * 4  # random SD-size weights in float32, shared by both U-Nets
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _problem(args) -> str | None:
+    """The first flag out of range, checked before anything heavy is imported or loaded."""
+    inf = float("inf")
+    weights = Path(args.weights) if args.weights is not None else None
+    problems = [
+        (
+            weights is not None and not weights.exists(),
+            f"--weights {args.weights}: not found; pass a .safetensors/.ckpt checkpoint or a diffusers folder",
+        ),
+        (
+            weights is not None and weights.exists() and not (weights.is_file() or weights.is_dir()),
+            f"--weights {args.weights}: not a regular file or a folder",
+        ),
+        (not 1 <= args.steps <= 1000, f"--steps {args.steps} must be in 1 .. 1000 (the schedule's timesteps)"),
+        (not 0 <= args.guidance < inf, f"--guidance {args.guidance} must be a finite number >= 0"),
+        (
+            args.device is not None and not DEVICE.fullmatch(args.device),
+            f"--device {args.device}: use auto, cpu, cuda, cuda:N or mps",
+        ),
+        (not 1 <= args.batch <= 1024, f"--batch {args.batch} must be in 1 .. 1024"),
+        (not 0 <= args.timestep <= 999, f"--timestep {args.timestep} must be in 0 .. 999"),
+        (not 1 <= args.repeats <= 1000, f"--repeats {args.repeats} must be in 1 .. 1000"),
+        (
+            not 0 <= args.seed <= SEED_MAX,
+            f"--seed {args.seed} must be in 0 .. 2**32-1 (torch's CPU generator keeps 32 bits)",
+        ),
+        (
+            args.threads is not None and not 1 <= args.threads <= 1024,
+            f"--threads {args.threads} must be in 1 .. 1024 (leave it out for torch's choice)",
+        ),
+    ]
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        problems.append(
+            (
+                value is not None and (value % 8 or not 8 <= value <= MAX_SIDE),
+                f"--{name} {value} must be a multiple of 8 in 8 .. {MAX_SIDE}",
+            )
+        )
+    return next((message for bad, message in problems if bad), None)
+
+
+def _too_large(args) -> str | None:
+    """The memory estimate (ldm.pipelines.memory, no torch) against what the machine has, before loading:
+    both libraries' weights and one forward at a time (U-Net mode), or both pipelines (pipeline mode)."""
+    from dataclasses import replace
+
+    from ldm.pipelines import memory
+
+    if args.prompt is None:
+        height, width = args.height or 512, args.width or 512
+        weights = 2 * memory.weights_size(args.weights) if args.weights else SD_UNET_BYTES
+        # the batch is the U-Net's own (2 = one guided step); no VAE in this mode
+        needed = replace(memory.estimate(height, width, args.batch, guidance=False, weights=weights), vae=0)
+        what = f"a U-Net forward at --height {height} --width {width} (batch {args.batch})"
+    else:
+        if args.height is None and args.width is None:
+            return None  # the model's own size: checked by the pipeline once its file is read
+        height, width = args.height or args.width, args.width or args.height
+        needed = memory.estimate(height, width, 1, weights=2 * memory.weights_size(args.weights))
+        what = f"--height {height} --width {width}"
+    device = "cuda" if (args.device or "").startswith("cuda") else "cpu"
+    try:
+        memory.check(needed, what, device, fix="use a smaller --height/--width (or --batch)")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    text = str(e)
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+    )
 
 
 def _unet_report(args) -> int:
@@ -71,9 +155,9 @@ def _pipeline_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    from ldm.cli import HelpFormatter, command_name
+    from ldm.cli import ArgumentParser, HelpFormatter, command_name, fail
 
-    p = argparse.ArgumentParser(prog=command_name(), description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=command_name(), description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--weights",
         help="single-file checkpoint or diffusers folder (default: random U-Net weights; "
@@ -98,14 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights of a file that also holds EMA ones")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value % 8 or value < 8):
-            p.error(f"--{name} {value} must be a positive multiple of 8")
-    if args.batch < 1 or args.repeats < 1 or args.steps < 1:
-        p.error("--batch, --repeats and --steps must be >= 1")
-    if args.guidance < 0:
-        p.error(f"--guidance {args.guidance} must be >= 0")
+    problem = _problem(args) or _too_large(args)
+    if problem is not None:
+        return fail(problem)
 
     import torch
 
@@ -113,9 +192,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return _pipeline_report(args) if args.prompt else _unet_report(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # OSError: unreadable files, diffusers' loaders (EnvironmentError)
+        return fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        size = f"{args.height or 'default'}x{args.width or 'default'}"
+        return fail(f"out of memory at {size}, batch {args.batch}; try a smaller --height/--width or --batch")
 
 
 if __name__ == "__main__":

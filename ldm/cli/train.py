@@ -70,7 +70,7 @@ HELP = {
     "lora_rank": "LoRA rank",
     "lora_alpha": "LoRA alpha (default: the rank)",
     "save_every": "checkpoint every N steps (and at the end)",
-    "keep_checkpoints": "how many checkpoints to keep",
+    "keep_checkpoints": "how many checkpoints to keep (the newest always; 0 = keep every one)",
     "validate_every": "validation grid every N steps (0 = only at the end)",
     "validation_prompts": "prompts of the validation grid (default: the first captions of the data)",
     "validation_steps": "sampling steps of validation images",
@@ -78,7 +78,7 @@ HELP = {
     "log_every": "write loss.csv every N steps",
     "seed": "seed of everything random (init, data order, noise)",
     "num_workers": "data loader worker processes",
-    "resume": "'latest' (the newest checkpoint in --output-dir, or a fresh start) or a checkpoint folder",
+    "resume": "'latest' (the newest complete checkpoint in --output-dir, or a fresh start) or a checkpoint folder",
     "export_diffusers": "also write the final model as a diffusers folder",
 }
 
@@ -102,6 +102,14 @@ def build_parser(config_cls) -> argparse.ArgumentParser:
     return p
 
 
+def _as_flags(message: str, config_cls) -> str:
+    """A settings error in the words of the command line: `keep_checkpoints -1 ...` -> `--keep-checkpoints -1 ...`."""
+    name = message.split(" ", 1)[0]
+    if name in {f.name for f in dataclasses.fields(config_cls)}:
+        return "--" + name.replace("_", "-") + message[len(name) :]
+    return message
+
+
 def main(argv=None) -> int:
     from ldm.training.config import TrainConfig  # no torch yet: --help and bad flags answer at once
 
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
     try:
         config = TrainConfig(**values)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_flags(str(e), TrainConfig)}", file=sys.stderr)
         return 2
     from ldm.training.loop import Trainer
 
@@ -120,6 +128,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # no space, permission, read-only file system: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     if trainer.acc.is_main_process:
         for key, value in result.items():
             print(f"{key}: {value}")

@@ -17,30 +17,26 @@ never overwritten. The `parameters` text chunk is in AUTOMATIC1111's format.
 """
 
 import argparse
+import contextlib
 import math
 import random
 import re
 import sys
 from pathlib import Path
 
-from ldm.cli import HelpFormatter, command_name
+from ldm.cli import ArgumentParser, HelpFormatter, command_name, fail
 from ldm.outputs import check_output_folder  # light: no torch
 
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def _sampler(value: str) -> str:
     """--sampler: ours or an AUTOMATIC1111 name ("DPM++ 2M Karras"); argparse's one-line error otherwise."""
-    from ldm.sampling.samplers import resolve_sampler, sampler_names
+    from ldm.sampling.names import resolve_name, sampler_names
 
     try:
-        resolve_sampler(value)
+        resolve_name(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid choice: {value!r} (choose from {', '.join(sampler_names())}, or an AUTOMATIC1111 name "
@@ -50,7 +46,7 @@ def _sampler(value: str) -> str:
 
 
 def _schedule(value: str) -> str:
-    from ldm.sampling.samplers import A1111_SCHEDULES, SIGMA_SCHEDULES
+    from ldm.sampling.names import A1111_SCHEDULES, SIGMA_SCHEDULES
 
     if value in SIGMA_SCHEDULES:
         return value
@@ -85,9 +81,9 @@ def _device_problem(name: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ldm.sampling.samplers import SAMPLERS, SIGMA_SCHEDULES
+    from ldm.sampling.names import CATALOG, SIGMA_SCHEDULES
 
-    p = argparse.ArgumentParser(prog=command_name(), description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=command_name(), description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--prompt", default=None, help="what to draw (required unless --from-png gives it)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument(
@@ -127,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler",
         type=_sampler,
         default="ddim",
-        help=f"sampling algorithm: {', '.join(SAMPLERS)}, or an AUTOMATIC1111 name ('DPM++ 2M Karras')",
+        help=f"sampling algorithm: {', '.join(CATALOG)}, or an AUTOMATIC1111 name ('DPM++ 2M Karras')",
     )
     p.add_argument(
         "--schedule",
@@ -233,8 +229,9 @@ def main(argv=None) -> int:
         (args.attention_chunk < 0, f"--attention-chunk {args.attention_chunk} must be >= 0 (0 = off)"),
         (args.clip_skip < 1, f"--clip-skip {args.clip_skip} must be >= 1 (1 = the text encoder's last layer)"),
         (
-            args.seed is not None and args.seed != -1 and not 0 <= args.seed <= 2**64 - args.n,
-            f"--seed {args.seed} must be in 0 .. 2**64-1 for every image (seed + i), or -1 for random",
+            args.seed is not None and args.seed != -1 and not 0 <= args.seed <= 2**32 - args.n,
+            f"--seed {args.seed} must be in 0 .. 2**32-1 for every image (seed + i; the CPU generator keeps 32 bits), "
+            "or -1 for random",
         ),
         (not DEVICES.fullmatch(args.device), f"--device {args.device}: use auto, cpu, cuda, cuda:N or mps"),
         (
@@ -246,9 +243,9 @@ def main(argv=None) -> int:
     ]
     for bad, message in problems:
         if bad:
-            return _error(message)
+            return fail(message)
     from ldm.pipelines.request import GenerationRequest
-    from ldm.sampling.samplers import SAMPLERS, resolve_sampler
+    from ldm.sampling.names import CATALOG, resolve_name
 
     # The request: the file's (with --from-png), then every flag given; the defaults of the flags otherwise.
     generation = None
@@ -259,7 +256,7 @@ def main(argv=None) -> int:
         try:
             generation = read_generation(args.from_png)
         except (ValueError, FileNotFoundError) as e:
-            return _error(f"--from-png {e}")
+            return fail(f"--from-png {e}")
         fields = generation.request.to_dict()
         if generation.ignored:
             print(
@@ -273,26 +270,49 @@ def main(argv=None) -> int:
     seed_random = fields.get("seed") is None or fields["seed"] == -1
     fields["seed"] = 0 if seed_random else fields["seed"]
     try:
-        info, _ = resolve_sampler(fields["sampler"])
+        info, _ = resolve_name(fields["sampler"])
         if fields.get("eta") and info.eta is None:
-            takes = [i.name for i in SAMPLERS.values() if i.eta is not None]
+            takes = [i.name for i in CATALOG.values() if i.eta is not None]
             raise ValueError(
                 f"--eta {fields['eta']} applies to --sampler {', '.join(takes)} only; drop --eta or use "
                 f"--sampler {takes[0]}"
             )
         request = GenerationRequest(**fields)
     except ValueError as e:
-        return _error(str(e))
+        return fail(str(e))
     settings = generation.settings if generation is not None else {}
     if settings.get("loras") and not args.lora:
         names = ", ".join(f"{k} ({v})" for k, v in settings["loras"].items())
-        return _error(f"--from-png {args.from_png} was made with LoRA {names}; pass the file(s) with --lora FILE")
+        return fail(f"--from-png {args.from_png} was made with LoRA {names}; pass the file(s) with --lora FILE")
+    if request.height is not None or request.width is not None:
+        from ldm.pipelines import memory
+
+        side = request.height or request.width or 0
+        try:
+            memory.check(
+                memory.estimate(
+                    request.height or side,
+                    request.width or side,
+                    min(args.batch_size, args.n),
+                    weights=memory.weights_size(args.weights),
+                ),
+                f"--height {request.height or side} --width {request.width or side}",
+                "cuda" if args.device.startswith("cuda") else "cpu",
+                fix="use a smaller size (or a smaller --batch-size)",
+            )
+        except ValueError as e:
+            return fail(str(e))
     try:
         out = check_output_folder(args.out)
     except ValueError as e:
-        return _error(f"--out: {e}")
+        return fail(f"--out: {e}")
+    out_existed = out.exists()
+    from ldm.formats.atomic import remove_stale_temporaries
+
+    if stale := remove_stale_temporaries(out):
+        print(f"note: removed {len(stale)} temporary file(s) left in {out} by killed runs", file=sys.stderr)
     if problem := _device_problem(args.device):
-        return _error(problem)
+        return fail(problem)
 
     from ldm.outputs import file_sha256, model_display_name, save_generated
     from ldm.pipelines.pipeline import Pipeline, pick_device
@@ -309,14 +329,14 @@ def main(argv=None) -> int:
     try:
         pipe = Pipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, prediction_type=prediction_type)
     except (ValueError, FileNotFoundError) as e:
-        return _error(str(e))
+        return fail(str(e))
     if args.attention_chunk:
         pipe.unet.set_attention_slicing(args.attention_chunk)
     if args.compile:
         try:
             pipe.compile()
         except RuntimeError as e:
-            return _error(str(e))
+            return fail(str(e))
     loras = {}
     if args.lora:
         from ldm.models.lora import load_lora
@@ -326,12 +346,12 @@ def main(argv=None) -> int:
                 # merged: no per-step cost; the request's lora_scale then has no adapters left to scale
                 load_lora(pipe.unet, f, scale=request.lora_scale, merge=True)
             except (ValueError, FileNotFoundError) as e:
-                return _error(str(e))
+                return fail(str(e))
             loras[model_display_name(f)] = file_sha256(f)[:12]
     try:
         request = pipe.resolve(request)
     except ValueError as e:
-        return _error(str(e))
+        return fail(str(e))
     if seed_random:
         request = request.replace(seed=random.SystemRandom().randrange(2**32))
         print(f"seed: {request.seed}", file=sys.stderr)
@@ -354,7 +374,7 @@ def main(argv=None) -> int:
     if generation is not None and not given & {"n", "batch_size", "seed"} and "batch" in settings:
         only, batch_size = (int(v) for v in settings["batch"])
         if not 0 <= only < batch_size:
-            return _error(f"--from-png {args.from_png}: its batch {settings['batch']} is not (index, size)")
+            return fail(f"--from-png {args.from_png}: its batch {settings['batch']} is not (index, size)")
         request = request.replace(seed=request.seed - only)
         n = batch_size
     for start in range(0, n, batch_size):
@@ -364,24 +384,31 @@ def main(argv=None) -> int:
                 request.replace(seed=request.seed + start, num_images=count), output_type="pil", progress=True
             )
         except ValueError as e:
-            return _error(str(e))
+            return fail(str(e))
         for i, image in enumerate(images):
             if only is not None and i != only:
                 continue
-            path = save_generated(
-                image,
-                out,
-                request.replace(seed=request.seed + start + i),
-                model_hash=model_hash,
-                model_name=model_name,
-                settings={
-                    "prediction_type": pipe.schedule.prediction_type,
-                    "device": str(pipe.device),
-                    "dtype": str(pipe.dtype).removeprefix("torch."),
-                },
-                loras=loras,
-                batch=(i, count),
-            )
+            try:
+                path = save_generated(
+                    image,
+                    out,
+                    request.replace(seed=request.seed + start + i),
+                    model_hash=model_hash,
+                    model_name=model_name,
+                    settings={
+                        "prediction_type": pipe.schedule.prediction_type,
+                        "device": str(pipe.device),
+                        "dtype": str(pipe.dtype).removeprefix("torch."),
+                    },
+                    loras=loras,
+                    batch=(i, count),
+                )
+            except OSError as e:  # no space, permissions, a read-only file system: nothing partial is left
+                if not out_existed:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()  # only if still empty: images already saved stay
+                where = e.filename or out
+                return fail(f"cannot write {where}: {e.strerror or e}; free some space or pass another --out")
             print(path, flush=True)
     return 0
 

@@ -3,15 +3,27 @@
 Everything is written to a temporary sibling (same folder, so the same file system), flushed, then
 renamed into place: a crash or an error leaves the old file (or nothing) and no temporary behind.
 Models, configs, training checkpoints, diffusers folders and PNGs all go through here.
+
+A temporary's name carries the writing process's id (`.NAME.ldm-tmp-PID-XXXX`): a run killed before its
+final rename leaves one behind, and `remove_stale_temporaries` (called when a command starts writing into a
+folder) removes those whose process is gone, never another live writer's, never a file ldm did not name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+_TAG = "ldm-tmp"
+_STALE = re.compile(rf"\.(?P<name>.+)\.{_TAG}-(?P<pid>\d+)-[^/]*")
+
+
+def _prefix(name: str) -> str:
+    return f".{name}.{_TAG}-{os.getpid()}-"
 
 
 def new_file_mode(directory: bool = False) -> int:
@@ -33,7 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, ove
     if not overwrite and path.exists():
         raise FileExistsError(f"{path}: already exists; not overwriting it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path.name), suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -68,7 +80,7 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], object], replac
     replace_existing: remove a folder already at `final` first (otherwise the rename fails on one)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_prefix(final.name)))
     try:
         write(tmp)
         os.chmod(tmp, new_file_mode(directory=True))
@@ -79,3 +91,37 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], object], replac
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed ldm runs left in `folder` (files and folders named by atomic_write /
+    atomic_dir whose process no longer runs); returns what was removed. Anything else is left alone."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _STALE.fullmatch(entry.name)
+        if m is None or _alive(int(m.group("pid"))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # another process cleaned it meanwhile
+            continue
+        removed.append(entry)
+    return removed

@@ -16,16 +16,26 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ldm.formats.atomic import atomic_write
-from ldm.formats.metadata import HF_FORMAT, UNET_CONFIG_KEY, stored_json
+from ldm.formats.metadata import (
+    HF_FORMAT,
+    UNET_CONFIG_KEY,
+    Fields,
+    load_json,
+    one_line,
+    open_regular,
+    safetensors_header,
+    stored_json,
+)
 from ldm.models.unet import UNet, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -40,62 +50,208 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 
 def read_state_dict(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a single file (or only those under `prefix`), read without running any code."""
+    """All tensors of a single file (or only those under `prefix`), read without running any code.
+
+    Regular files only (a FIFO, device or folder is a ValueError, never a hang); every size the file claims
+    (safetensors header, zip entries, pickled storages) is checked against the file's size before reading.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; pass the path of a .safetensors or .ckpt checkpoint")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; read_state_dict takes a single checkpoint file")
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES or (suffix not in PICKLE_SUFFIXES and not zipfile.is_zipfile(path)):
+    with open_regular(path) as (f, _, _):
+        is_zip = zipfile.is_zipfile(f)
+    if suffix in SAFETENSORS_SUFFIXES or (suffix not in PICKLE_SUFFIXES and not is_zip):
         return _read_safetensors(path, prefix)
     return _read_pickle(path, prefix)
 
 
 def _read_safetensors(path: Path, prefix: str | None) -> dict[str, torch.Tensor]:
+    header, _ = safetensors_header(path)  # every claim checked against the file's size first
+    keys = [k for k in header if prefix is None or k.startswith(prefix)]
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = [k for k in f.keys() if prefix is None or k.startswith(prefix)]
+        with open_regular(path) as (_, _, name), safe_open(name, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in keys}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise ValueError(
-            f"{path}: not a readable safetensors file ({e}); the file may be truncated or not a checkpoint — "
-            "download it again or pass a .safetensors/.ckpt Stable Diffusion checkpoint"
+            f"{path}: not a readable safetensors file ({one_line(str(e))}); the file may be truncated or not a "
+            "checkpoint — download it again or pass a .safetensors/.ckpt Stable Diffusion checkpoint"
         ) from None
+
+
+_NOT_A_CHECKPOINT = "the file may be truncated or not a checkpoint"
+
+
+def _check_zip(path: Path, f, size: int) -> None:
+    """Every entry of a torch.save zip stored (uncompressed, as torch.save writes them) and inside the file:
+    torch would otherwise inflate a compressed entry into memory whatever its claimed size (a zip bomb),
+    and with mmap read a compressed tensor's bytes as its values."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+    except Exception as e:  # noqa: BLE001 - zipfile fails on garbage in many ways (BadZipFile, struct.error, ...)
+        raise ValueError(
+            f"{path}: not a readable PyTorch checkpoint (zip: {one_line(str(e)) or type(e).__name__}); "
+            f"{_NOT_A_CHECKPOINT}"
+        ) from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise ValueError(
+                f"{path}: zip entry {info.filename!r} is compressed ({info.compress_size} bytes claiming "
+                f"{info.file_size}); torch.save writes every entry uncompressed — not a PyTorch checkpoint"
+            )
+        if info.header_offset + info.file_size > size:
+            raise ValueError(
+                f"{path}: zip entry {info.filename!r} claims {info.file_size} bytes at offset "
+                f"{info.header_offset}, beyond the file's {size}; {_NOT_A_CHECKPOINT}"
+            )
+
+
+def _legacy_declared_bytes(f) -> int | None:
+    """The bytes of tensor data that a legacy (non-zip, torch < 1.6) torch.save pickle declares, found by
+    unpickling it with torch's weights-only unpickler onto the meta device (nothing allocated, no code run).
+    torch itself allocates each declared storage before reading it. None when the dry run does not get
+    through: torch.load's own error then says why."""
+    from torch import _weights_only_unpickler as safe
+
+    declared: dict[Any, int] = {}
+
+    def persistent_load(saved_id):
+        if saved_id[0] != "storage":
+            return saved_id[1]
+        _, storage_type, key, _location, numel, _view = saved_id
+        nbytes = int(numel) * torch._utils._element_size(storage_type.dtype)
+        declared[key] = nbytes
+        storage = torch.UntypedStorage(nbytes, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=storage_type.dtype, _internal=True)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.load itself warns of what it warns about
+            for _ in range(3):  # magic number, protocol version, system info
+                safe.Unpickler(f).load()
+            unpickler = safe.Unpickler(f)
+            unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+            unpickler.load()
+    except Exception:  # noqa: BLE001 - a dry run only
+        return None
+    finally:
+        f.seek(0)
+    return sum(declared.values())
+
+
+class _Bounded:
+    """A binary file whose reads never ask for more than what is left of it. A pickle's length fields
+    (strings, bytes) are read with f.read(n), and Python allocates n bytes before reading: a 7 KB legacy
+    checkpoint claiming a 2 GB string would allocate 2 GB."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def _left(self, n: int | None) -> int:
+        left = max(0, self.size - self.f.tell())
+        return left if n is None or n < 0 else min(n, left)
+
+    def read(self, n: int | None = -1) -> bytes:
+        return self.f.read(self._left(n))
+
+    def readline(self, n: int | None = -1) -> bytes:
+        return self.f.readline(self._left(n))
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
 
 
 def _read_pickle(path: Path, prefix: str | None) -> dict[str, torch.Tensor]:
-    try:
-        # weights_only=True: the unpickler only rebuilds tensors and plain containers, so a
-        # malicious pickle cannot execute code; anything else is refused.
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        reason = _first_line(str(e).split("WeightsUnpickler error:")[-1])
-        if "global" in reason.lower():
-            name = m.group(1) if (m := re.search(r"GLOBAL (\S+)", reason)) else "a Python object"
-            raise ValueError(
-                f"{path}: refused to load — the pickle calls {name}, which may run code; only tensors are "
-                "accepted. Use a .safetensors version of this checkpoint"
-            ) from None
-        raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint (pickle: {reason or type(e).__name__}); "
-            "the file may be truncated or not a checkpoint"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - garbage makes the safe unpickler fail in many ways (IndexError, ...)
-        raise ValueError(
-            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(str(e))[:200]}); "
-            "the file may be truncated or not a checkpoint"
-        ) from None
+    with open_regular(path) as (f, size, name):
+        is_zip = zipfile.is_zipfile(f)
+        f.seek(0)
+        if is_zip:
+            _check_zip(path, f, size)  # torch then reads the zip through mmap: nothing larger than the file
+        else:
+            declared = _legacy_declared_bytes(_Bounded(f, size))
+            if declared is not None and declared > size:
+                raise ValueError(
+                    f"{path}: its pickle declares {declared} bytes of tensors, the file has {size}; {_NOT_A_CHECKPOINT}"
+                )
+        try:
+            # weights_only=True: the unpickler only rebuilds tensors and plain containers, so a
+            # malicious pickle cannot execute code; anything else is refused.
+            source: Any = name if is_zip else _Bounded(f, size)  # torch reads any file-like object
+            obj = torch.load(source, map_location="cpu", weights_only=True, mmap=is_zip)
+        except Exception as e:  # noqa: BLE001 - garbage makes the safe unpickler fail in many ways (IndexError, ...)
+            raise ValueError(f"{path}: {_pickle_problem(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning checkpoints nest the weights
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and (prefix is None or k.startswith(prefix))}
+    return {
+        k: v
+        for k, v in obj.items()
+        if isinstance(k, str) and isinstance(v, torch.Tensor) and (prefix is None or k.startswith(prefix))
+    }
 
 
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
+# what torch appends to its refusals: advice to load unsafely, or to allowlist what the pickle asks for
+_TORCH_ADVICE = (
+    "weights_only",
+    "safe_globals",
+    "trust",
+    "pytorch 2.6",
+    "documentation of torch.load",
+    "file an issue",
+    "two options",
+    "alternatively",
+    "arbitrary code",
+)
+# what the safe unpickler names when a pickle asks for a global it does not allow (the only way a pickle can
+# reach a callable); its other refusals are about objects the pickle built, i.e. garbage
+_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([A-Za-z_][\w.]*\w)")
+
+
+def _pickle_problem(e: Exception) -> str:
+    """One line for a failed torch.load: the callable a refused pickle asked for (never torch's advice to
+    load it unsafely), or what was wrong with the file."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if isinstance(e, pickle.UnpicklingError) and (m := _GLOBAL.search(text)):
+        raw = m.group(1)
+        shown = re.sub(r"^(posix|nt)\.", "os.", raw).removeprefix("builtins.")
+        return (
+            f"refused to load: the pickle asks to call {shown} (GLOBAL {raw}), which a weights file never "
+            "needs; ldm does not run code from checkpoints — use a .safetensors version of this model"
+        )
+    if "legacy .tar format" in text:
+        return (
+            "a checkpoint in torch's legacy .tar format (PyTorch < 0.4), which cannot be read without running "
+            "its code; use a .safetensors version of this model"
+        )
+    if m := re.search(r"Unsupported operand (\d+)", text):
+        reason = f"pickle opcode {m.group(1)}, which the safe unpickler does not read"
+    else:
+        sentences = re.split(r"(?<=[.!?])\s+|\n+", text.split("WeightsUnpickler error:")[-1])
+        kept = [s.strip() for s in sentences if s.strip() and not any(a in s.lower() for a in _TORCH_ADVICE)]
+        reason = one_line(" ".join(kept)) or type(e).__name__
+    if isinstance(e, pickle.UnpicklingError):
+        reason = f"pickle: {reason}"
+    elif not reason.startswith(type(e).__name__):
+        reason = f"{type(e).__name__}: {reason}"
+    return f"not a readable PyTorch checkpoint ({reason}); {_NOT_A_CHECKPOINT}"
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -138,14 +294,18 @@ def detect_unet_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") 
     GroupNorm's group count cannot be read off shapes either: 32, as in every SD model.
     """
 
-    def need(key):
+    def need(key, ndim=2):
         if key not in sd:
             raise ValueError(f"{source}: U-Net tensor '{key}' is missing; cannot detect the model configuration")
+        if sd[key].ndim < ndim or 0 in sd[key].shape:
+            raise ValueError(
+                f"{source}: U-Net tensor '{key}' has shape {tuple(sd[key].shape)}; not a Stable Diffusion U-Net"
+            )
         return sd[key]
 
     conv_in = need("input_blocks.0.0.weight")
     model_channels, in_channels = conv_in.shape[0], conv_in.shape[1]
-    out_channels = need("out.2.weight").shape[0]
+    out_channels = need("out.2.weight", 1).shape[0]
     n_input = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k)))
     downs = sorted(int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", k)))
     num_res_blocks = (downs[0] - 1) if downs else n_input - 1
@@ -155,7 +315,7 @@ def detect_unet_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") 
     channel_mult, attention_levels = [], []
     for level in range(n_levels):
         i = 1 + level * (num_res_blocks + 1)
-        width = need(f"input_blocks.{i}.0.out_layers.3.weight").shape[0]
+        width = need(f"input_blocks.{i}.0.out_layers.3.weight", 1).shape[0]
         if width % model_channels:
             raise ValueError(f"{source}: level {level} width {width} is not a multiple of {model_channels}")
         channel_mult.append(width // model_channels)
@@ -165,7 +325,7 @@ def detect_unet_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") 
     to_k = need(st + "transformer_blocks.0.attn2.to_k.weight")
     context_dim = to_k.shape[1]
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(st) + r"transformer_blocks\.(\d+)\.", k)))
-    use_linear = need(st + "proj_in.weight").ndim == 2
+    use_linear = need(st + "proj_in.weight", 1).ndim == 2
     num_heads, head_dim = (None, 64) if context_dim >= 1024 else (8, None)
     return UNetConfig(
         in_channels=in_channels,
@@ -436,14 +596,44 @@ def load_exactly(
 
 
 def stored_unet_config(path: Path) -> UNetConfig | None:
-    """The UNetConfig that ldm stores in the metadata of the safetensors files it writes."""
+    """The UNetConfig that ldm stores in the metadata of the safetensors files it writes, checked field by
+    field (types and sane ranges: a crafted file cannot make ldm build a U-Net of a million blocks)."""
     d = stored_json(path, UNET_CONFIG_KEY)
     if d is None:
         return None
+    return unet_config_from_record(d, str(path))
+
+
+def unet_config_from_record(d: Any, source: str, record: str = UNET_CONFIG_KEY) -> UNetConfig:
+    """UNetConfig.from_dict(d) for a dict read from a file: ValueError naming `source`, the key and the value
+    for a wrong type, a number outside what any Stable Diffusion U-Net uses, or an inconsistent config."""
+    r = Fields(source, record, d)
+    checked: dict[str, Any] = {}
+    for key, check in (
+        ("in_channels", lambda k: r.integer(k, 1, 64)),
+        ("out_channels", lambda k: r.integer(k, 1, 64)),
+        ("model_channels", lambda k: r.integer(k, 1, 4096)),
+        ("channel_mult", lambda k: r.integers(k, 1, 64, (1, 8))),
+        ("num_res_blocks", lambda k: r.integer(k, 1, 16)),
+        ("attention_levels", lambda k: r.integers(k, 0, 7, (0, 8))),
+        ("num_heads", lambda k: r.integer(k, 1, 1024, default=None)),
+        ("head_dim", lambda k: r.integer(k, 1, 1024, default=None)),
+        ("context_dim", lambda k: r.integer(k, 1, 16384)),
+        ("transformer_depth", lambda k: r.integer(k, 1, 64)),
+        ("use_linear_projection", r.flag),
+        ("norm_groups", lambda k: r.integer(k, 1, 1024)),
+        ("dropout", lambda k: r.number(k, 0.0, 1.0)),
+        ("extra", r.mapping),
+    ):
+        if key in d:
+            checked[key] = check(key)
+    unknown = sorted(k for k in d if k not in checked)
+    if unknown:
+        raise ValueError(f"{source}: stored {record} has unknown fields {[one_line(str(k), 40) for k in unknown[:5]]}")
     try:
-        return UNetConfig.from_dict(d)
+        return UNetConfig.from_dict(checked)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: stored {UNET_CONFIG_KEY} metadata is invalid ({e})") from None
+        raise ValueError(f"{source}: stored {record} metadata is invalid ({e})") from None
 
 
 def _find_diffusers_folder(path: Path, component: str) -> Path | None:
@@ -466,10 +656,10 @@ def diffusers_component(path: Path, component: str) -> tuple[Path, dict, Path]:
             f"{path}: not a diffusers model folder (expected {component}/config.json and "
             f"{component}/{DIFFUSERS_WEIGHT_NAMES[0]})"
         )
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    with open_regular(folder / "config.json") as (f, _, _):
+        cfg = load_json(f.read(), str(folder / "config.json"))
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{folder / 'config.json'}: not a JSON object")
     weights = next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file())
     return folder, cfg, weights
 

@@ -14,6 +14,7 @@ Written files are for other tools too (docs/parity.md, "Files other tools read")
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,13 @@ from ldm.formats.metadata import (
     TEXT_ENCODER_CONFIG,
     TEXT_KIND,
     UNET_CONFIG_KEY,
+    Fields,
+    load_json,
+    open_regular,
     stored_json,
 )
 from ldm.models.clip import (
+    KINDS,
     TOKENIZER_DIR,
     detect_kind,
     load_text_encoder,
@@ -52,11 +57,132 @@ from ldm.models.clip import (
     text_kind,
 )
 from ldm.models.vae import load_vae, save_vae_diffusers, vae_metadata, vae_to_original_state_dict
-from ldm.sampling.schedule import NoiseSchedule
+from ldm.sampling.schedule import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, NoiseSchedule
+
+# what a stored record may hold: every SD model is within these by far; a crafted file is refused
+# before anything is built or allocated from it
+MIN_SIDE, MAX_SIDE = 64, 8192  # default image side in pixels (8..1024 latent pixels at SD's factor 8)
+MAX_LATENT_SIDE = 1024
+MAX_GUIDANCE = 100.0
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
-def _single_file_metadata(path: Path) -> dict:
-    return stored_json(path, PIPELINE_KEY) or {}
+def read_pipeline_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The pipeline record ldm stores in a single file's metadata (PIPELINE_KEY), every field checked as flags
+    are (types, finite numbers, ranges; ValueError naming the file, the key and the value); {} for a file
+    without one. Absent fields stay absent: the caller's defaults apply."""
+    record = stored_json(path, PIPELINE_KEY)
+    if record is None:
+        return {}
+    r = Fields(path, PIPELINE_KEY, record)
+    out: dict[str, Any] = {}
+    if record.get(PREDICTION_TYPE) is not None:
+        out[PREDICTION_TYPE] = r.choice(PREDICTION_TYPE, PREDICTION_TYPES)
+    if record.get(SCHEDULER) is not None:
+        out[SCHEDULER] = scheduler_config(r.mapping(SCHEDULER), f"{path}", f"{PIPELINE_KEY} {SCHEDULER}")
+    if record.get(SAMPLE_SIZE) is not None:
+        side = r.integer(SAMPLE_SIZE, MIN_SIDE, MAX_SIDE)
+        if side % 8:
+            raise r.error(SAMPLE_SIZE, side, f"a multiple of 8 in {MIN_SIDE}..{MAX_SIDE} (pixels)")
+        out[SAMPLE_SIZE] = side
+    if record.get(GUIDANCE_SCALE) is not None:
+        out[GUIDANCE_SCALE] = r.number(GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
+    if record.get(TEXT_KIND) is not None:
+        out[TEXT_KIND] = r.choice(TEXT_KIND, KINDS)
+    if record.get(TEXT_ENCODER_CONFIG) is not None:
+        out[TEXT_ENCODER_CONFIG] = text_config(
+            r.mapping(TEXT_ENCODER_CONFIG), str(path), f"{PIPELINE_KEY} {TEXT_ENCODER_CONFIG}"
+        )
+    if record.get(PAD_TOKEN) is not None:
+        out[PAD_TOKEN] = r.text(PAD_TOKEN, 100)
+    return out
+
+
+def read_single_file_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Every record ldm stores in a single file's metadata, each checked, before any tensor is read:
+    {"pipeline": read_pipeline_record, "unet": the UNetConfig or None, "vae": the AutoencoderKL config or None}.
+    A file ldm did not write (or a .ckpt) gives {} and two Nones."""
+    from ldm.formats.checkpoint import stored_unet_config
+    from ldm.models.vae import stored_vae_config
+
+    return {
+        "pipeline": read_pipeline_record(path),
+        "unet": stored_unet_config(Path(path)),
+        "vae": stored_vae_config(Path(path)),
+    }
+
+
+def scheduler_config(d: dict, source: str, record: str) -> dict[str, Any]:
+    """A stored DDIMScheduler config (scheduler_config.json, or the pipeline record's) checked: the fields
+    NoiseSchedule reads, with their types and ranges (a crafted num_train_timesteps would allocate its
+    betas); other keys (`_class_name`, ...) pass through unread."""
+    r = Fields(source, record, d)
+    out = dict(d)
+    T = r.integer("num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS, default=1000)
+    for key in ("beta_start", "beta_end"):
+        if d.get(key) is not None:
+            out[key] = r.number(key, 0.0, 1.0, open_low=True)
+    for key, options in (
+        ("beta_schedule", BETA_SCHEDULES),
+        ("prediction_type", PREDICTION_TYPES),
+        ("timestep_spacing", TIMESTEP_SPACINGS),
+    ):
+        if d.get(key) is not None:
+            r.choice(key, options)
+    if d.get("steps_offset") is not None:
+        r.integer("steps_offset", 0, T)
+    for key in ("set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr", "thresholding"):
+        if d.get(key) is not None:
+            r.flag(key)
+    if d.get("clip_sample_range") is not None:
+        r.number("clip_sample_range", 0.0, 1e6, open_low=True)
+    betas = d.get("trained_betas")
+    if betas is not None:
+        ok = isinstance(betas, list) and len(betas) == T
+        if not ok or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 < b < 1 for b in betas
+        ):
+            raise r.error("trained_betas", betas, f"null or a list of {T} numbers in (0, 1)")
+    return out
+
+
+def text_config(d: dict, source: str, record: str) -> dict[str, Any]:
+    """The CLIPTextConfig fields of a stored text-encoder config, checked (the model is built from these
+    before its tensors are compared with them); other keys are dropped."""
+    from transformers.activations import ACT2FN
+
+    r = Fields(source, record, d)
+    out: dict[str, Any] = {}
+    ranges = {
+        "vocab_size": (1, 1_000_000),
+        "hidden_size": (1, 16384),
+        "intermediate_size": (1, 65536),
+        "projection_dim": (1, 16384),
+        "num_hidden_layers": (1, 128),
+        "num_attention_heads": (1, 1024),
+        "max_position_embeddings": (1, 4096),
+    }
+    for key, (lo, hi) in ranges.items():
+        if d.get(key) is not None:
+            out[key] = r.integer(key, lo, hi)
+    hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        raise r.error("num_attention_heads", heads, f"a divisor of hidden_size={hidden}")
+    vocab = out.get("vocab_size", 49408)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if d.get(key) is not None:
+            out[key] = r.integer(key, 0, vocab - 1)
+    for key, low, high, open_low in (
+        ("layer_norm_eps", 0.0, 1.0, True),
+        ("attention_dropout", 0.0, 1.0, False),
+        ("initializer_range", 0.0, 10.0, False),
+        ("initializer_factor", 0.0, 100.0, False),
+    ):
+        if d.get(key) is not None:
+            out[key] = r.number(key, low, high, open_low=open_low)
+    if d.get("hidden_act") is not None:
+        out["hidden_act"] = r.choice("hidden_act", sorted(ACT2FN))
+    return out
 
 
 def _schedule(config: dict | None, prediction_type: str | None) -> NoiseSchedule:
@@ -67,6 +193,19 @@ def _schedule(config: dict | None, prediction_type: str | None) -> NoiseSchedule
     if prediction_type:
         config = {**config, "prediction_type": prediction_type}
     return NoiseSchedule.from_diffusers_config(config)
+
+
+def _folder_sample_size(folder: Path, factor: int) -> int:
+    """The default image side of a diffusers folder: its unet/config.json's sample_size (latent pixels)."""
+    cfg_path = folder / "unet" / "config.json"
+    with open_regular(cfg_path) as (f, _, _):
+        cfg = load_json(f.read(), str(cfg_path))
+    r = Fields(cfg_path, "config", cfg)
+    sample = cfg.get("sample_size", 64)
+    if isinstance(sample, list) and sample:
+        r = Fields(cfg_path, "config", {"sample_size": sample[0]})
+    latent = r.integer("sample_size", 8, MAX_LATENT_SIDE, default=64)
+    return latent * factor
 
 
 def read_diffusers_folder(folder: Path, prediction_type: str | None, ema: bool) -> dict[str, Any]:
@@ -84,13 +223,10 @@ def read_diffusers_folder(folder: Path, prediction_type: str | None, ema: bool) 
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched_cfg = None
     if sched_file.is_file():
-        try:
-            sched_cfg = json.loads(sched_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{sched_file}: not valid JSON ({e})") from None
+        with open_regular(sched_file) as (f, _, _):
+            sched_cfg = scheduler_config(load_json(f.read(), str(sched_file)), str(sched_file), "scheduler config")
     schedule = _schedule(sched_cfg, prediction_type)
-    sample = json.loads((folder / "unet" / "config.json").read_text()).get("sample_size", 64)
-    side = int(sample if isinstance(sample, int) else sample[0]) * vae.downsample_factor
+    side = _folder_sample_size(folder, vae.downsample_factor)
     return dict(
         unet=unet,
         vae=vae,
@@ -104,9 +240,10 @@ def read_diffusers_folder(folder: Path, prediction_type: str | None, ema: bool) 
 
 def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict[str, Any]:
     """The Pipeline components (constructor arguments) of a single-file checkpoint."""
+    stored = read_single_file_metadata(path)  # checked before the (large) tensors are read
+    meta = stored["pipeline"]
     sd = read_state_dict(path)
-    meta = _single_file_metadata(path)
-    unet = unet_from_single_file(path, sd, ema=ema, dtype=torch.float32)
+    unet = unet_from_single_file(path, sd, stored["unet"], ema=ema, dtype=torch.float32)
     vae = load_vae(path)
     # ldm before 0.1 wrote every text encoder in the SD1 layout, with text_kind "sd1" and its own config
     # (an SD2-like one with hidden_act "gelu"): the stored kind names the layout, the config the model
@@ -120,6 +257,7 @@ def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict
     # save_single_file stores the schedule; other single files (and ours saved before) hold SD's
     schedule = _schedule(meta.get(SCHEDULER), prediction_type)
     side = meta.get(SAMPLE_SIZE) or (768 if sd2 and prediction_type == "v_prediction" else 512)
+    guidance = meta.get(GUIDANCE_SCALE)
     return dict(
         unet=unet,
         vae=vae,
@@ -128,7 +266,7 @@ def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict
         schedule=schedule,
         default_size=(side, side),
         model_path=path,
-        default_guidance=meta.get(GUIDANCE_SCALE) or 7.5,
+        default_guidance=7.5 if guidance is None else guidance,
     )
 
 

@@ -44,11 +44,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from ldm.formats.checkpoint import diffusers_key_map, read_state_dict, save_safetensors
-from ldm.formats.metadata import LORA_KEY, UNET_CONFIG_KEY
+from ldm.formats.metadata import LORA_KEY, UNET_CONFIG_KEY, load_json, safetensors_header
 from ldm.models.unet import UNet
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -325,14 +324,26 @@ def _normalize_key(key: str) -> str:
     return key.replace(".processor.to_out_lora.", ".to_out.0.lora.")
 
 
-def _peft_alphas(metadata: dict) -> tuple[float | None, dict]:
-    """(lora_alpha, alpha_pattern) from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields)."""
-    try:
-        cfg = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except json.JSONDecodeError:
+def _peft_alphas(metadata: dict, path: Path) -> tuple[float | None, dict[str, float]]:
+    """(lora_alpha, alpha_pattern) from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields), checked:
+    ValueError naming the file for a value that is not a finite number >= 0."""
+    text = metadata.get("lora_adapter_metadata")
+    if not text:
         return None, {}
+    cfg = load_json(text, f"{path}: metadata lora_adapter_metadata")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: metadata lora_adapter_metadata is not a JSON object")
     get = lambda k: cfg.get(f"unet.{k}", cfg.get(k))  # noqa: E731
-    return get("lora_alpha"), get("alpha_pattern") or {}
+    alpha, pattern = get("lora_alpha"), get("alpha_pattern") or {}
+    if alpha is not None and not _alpha_ok(alpha):
+        raise ValueError(f"{path}: metadata lora_alpha={alpha!r:.80} is not a finite number >= 0")
+    if not isinstance(pattern, dict) or not all(_alpha_ok(v) for v in pattern.values()):
+        raise ValueError(f"{path}: metadata alpha_pattern={pattern!r:.80} is not a map of names to numbers >= 0")
+    return alpha, {str(k): float(v) for k, v in pattern.items()}
+
+
+def _alpha_ok(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 @torch.no_grad()
@@ -353,8 +364,7 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
     sd = read_state_dict(path)
     file_meta: dict[str, str] = {}
     if path.suffix.lower() == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            file_meta = f.metadata() or {}
+        _, file_meta = safetensors_header(path)
 
     text_keys = [k for k in sd if k.startswith(TEXT_ENCODER_PREFIXES)]
     if text_keys:
@@ -404,7 +414,7 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
     if not parts:
         raise ValueError(f"{path}: no U-Net LoRA tensors found" + (" (only text-encoder ones)" if text_keys else ""))
 
-    peft_alpha, alpha_pattern = _peft_alphas(file_meta)
+    peft_alpha, alpha_pattern = _peft_alphas(file_meta, path)
     plan: list[tuple[str, nn.Linear | nn.Conv2d | LoRALinear, int, float, torch.Tensor, torch.Tensor]] = []
     for layer, p in parts.items():
         for role in ("down", "up"):
@@ -424,15 +434,26 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
             )
         out_f, in_f = target.weight.shape[:2]
         rank = down.shape[0] if down.ndim else 0
+        if rank < 1:
+            raise ValueError(f"{path}: tensor '{down_key}' has shape {tuple(down.shape)}: a LoRA needs rank >= 1")
         for key, t, want in ((down_key, down, (rank, in_f)), (up_key, up, (out_f, rank))):
             if t.ndim not in (2, 4) or tuple(t.flatten(1).shape) != want:  # a 1x1 conv's (r, in, 1, 1) is (r, in)
                 raise ValueError(
                     f"{path}: tensor '{key}' has shape {tuple(t.shape)}; layer '{names[layer]}' "
                     f"({in_f} -> {out_f} features, rank {rank}) needs {want}"
                 )
+        for key, t in ((down_key, down), (up_key, up)):
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"{path}: tensor '{key}' is {t.dtype}; LoRA weights are floating-point")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path}: tensor '{key}' holds NaN or infinite values")
         down, up = down.flatten(1), up.flatten(1)
         if "alpha" in p:
-            alpha = float(p["alpha"][1])
+            alpha_key, alpha_t = p["alpha"]
+            if alpha_t.numel() != 1 or alpha_t.is_complex() or not _alpha_ok(alpha := float(alpha_t.flatten()[0])):
+                raise ValueError(
+                    f"{path}: tensor '{alpha_key}' (shape {tuple(alpha_t.shape)}) is not one finite number >= 0"
+                )
         else:
             alpha = next(
                 (float(v) for k, v in alpha_pattern.items() if names[layer].endswith(k.lstrip("^"))),

@@ -21,6 +21,7 @@ Shape notation: B batch, C channels, H/W image height/width, h/w latent height/w
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from ldm.formats.checkpoint import check_state_dict, diffusers_component, load_exactly, read_state_dict
-from ldm.formats.metadata import VAE_CONFIG_KEY, stored_json
+from ldm.formats.metadata import VAE_CONFIG_KEY, Fields, stored_json
 
 VAE_PREFIX = "first_stage_model."
 SD_SCALING_FACTOR = 0.18215
@@ -290,8 +291,59 @@ def to_pil(decoded: torch.Tensor) -> list:
 # --------------------------------------------------------------------------- loading
 
 
-def _stored_config(path: Path) -> dict | None:
-    return stored_json(path, VAE_CONFIG_KEY)
+def stored_vae_config(path: Path) -> dict | None:
+    """The AutoencoderKL config ldm stores in a single file's metadata, checked (vae_config_from_record)."""
+    d = stored_json(path, VAE_CONFIG_KEY)
+    return None if d is None else vae_config_from_record(d, str(path))
+
+
+_ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
+
+
+def vae_config_from_record(d: Any, source: str, record: str = VAE_CONFIG_KEY) -> dict:
+    """The AutoencoderKL config fields of a dict read from a file, each checked (types, finite numbers, the
+    ranges of any SD VAE: a crafted file cannot make ldm build a VAE of a thousand levels); ValueError naming
+    `source`, the key and the value. Keys AutoencoderKL does not read are dropped."""
+    r = Fields(source, record, d)
+    out: dict[str, Any] = {}
+    for key, lo, hi in (
+        ("in_channels", 1, 64),
+        ("out_channels", 1, 64),
+        ("layers_per_block", 1, 16),
+        ("latent_channels", 1, 64),
+        ("norm_num_groups", 1, 1024),
+        ("sample_size", 1, 8192),
+    ):
+        if d.get(key) is not None:
+            out[key] = r.integer(key, lo, hi)
+    if d.get("block_out_channels") is not None:
+        out["block_out_channels"] = r.integers("block_out_channels", 1, 4096, (1, 8))
+    levels = len(out.get("block_out_channels", (128, 256, 512, 512)))
+    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        value = d.get(key)
+        if value is not None:
+            if not (isinstance(value, list) and len(value) == levels and all(v == kind for v in value)):
+                raise r.error(key, value, f"a list of {levels} {kind!r}")
+            out[key] = list(value)
+    if d.get("scaling_factor") is not None:
+        out["scaling_factor"] = r.number("scaling_factor", 0.0, 100.0, open_low=True)
+    if d.get("shift_factor") is not None:
+        out["shift_factor"] = r.number("shift_factor", -100.0, 100.0)
+    for key in ("latents_mean", "latents_std"):
+        value = d.get(key)
+        if value is not None:
+            ok = isinstance(value, list) and len(value) <= 64
+            if not ok or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+            ):
+                raise r.error(key, value, "null or a list of at most 64 finite numbers")
+            out[key] = list(value)
+    for key in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+        if d.get(key) is not None:
+            out[key] = r.flag(key)
+    if d.get("act_fn") is not None:
+        out["act_fn"] = r.choice("act_fn", _ACTIVATIONS)
+    return out
 
 
 def _bare_vae_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
@@ -376,7 +428,7 @@ def load_vae(
         return _build_vae({**cfg, **(config or {})}, sd, str(weights), device, dtype)
 
     sd, layout, prefix = _bare_vae_tensors(path)
-    cfg = _stored_config(path) or detect_vae_config(sd, layout, source=str(path))
+    cfg = stored_vae_config(path) or detect_vae_config(sd, layout, source=str(path))
     cfg = {**cfg, **(config or {})}
     if layout == "diffusers":
         return _build_vae(cfg, sd, str(path), device, dtype)

@@ -32,6 +32,7 @@ from ldm.formats.pipeline_files import (
 from ldm.models.lora import lora_scale
 from ldm.models.unet import UNet
 from ldm.models.vae import VAE, to_numpy, to_pil
+from ldm.pipelines import memory
 from ldm.pipelines.request import OUTPUT_TYPES, GenerationRequest
 from ldm.sampling.denoiser import Denoiser
 from ldm.sampling.noise import Noise, randn
@@ -310,6 +311,10 @@ class Pipeline:
         for name, side in (("height", height), ("width", width)):
             if side % f or side < f:
                 raise ValueError(f"{name} {side} must be a positive multiple of {f} (the VAE's downsampling)")
+        if request.steps > self.schedule.num_train_timesteps:
+            raise ValueError(
+                f"steps {request.steps} is more than this model's {self.schedule.num_train_timesteps} timesteps"
+            )
         guidance = self.default_guidance if request.guidance_scale is None else request.guidance_scale
         info = resolve_sampler(request.sampler, request.schedule)[0]
         return request.replace(height=height, width=width, guidance_scale=guidance, eta=check_eta(info, request.eta))
@@ -370,12 +375,57 @@ class Pipeline:
         with cache, lora_scale(request.lora_scale):
             return info.fn(denoiser, x, plan, noise=noise, eta=request.eta or 0.0, callback=callback, progress=progress)
 
-    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+    def decode(self, latents: torch.Tensor, output_type: str = "pil", request: GenerationRequest | None = None):
         if output_type == "latent":
             return latents
         release_freed_memory()  # before the VAE's large activations, not on top of the loop's freed heap
         decoded = self.vae.decode(latents.float())
+        self.check_finite(decoded, "the decoded images", request)
         return to_pil(decoded) if output_type == "pil" else to_numpy(decoded)
+
+    def check_memory(self, request: GenerationRequest, batch: int | None = None) -> None:
+        """ValueError before allocating anything when the request's images cannot fit in the device's free memory
+        (ldm.pipelines.memory: U-Net activations at the latent size, VAE decode at the image size)."""
+        assert request.height is not None and request.width is not None  # resolved
+        images = batch if batch is not None else len(request.prompts) * request.num_images
+        needed = memory.estimate(
+            request.height,
+            request.width,
+            images,
+            guidance=(request.guidance_scale or 0) > 1,
+            model_channels=self.unet.config.model_channels,
+            latent_channels=self.unet.config.in_channels,
+            downsample=self.vae.downsample_factor,
+            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+        )
+        memory.check(
+            needed,
+            f"{images} image(s) of {request.width}x{request.height}",
+            str(self.device),
+            fix="ask for a smaller size or fewer images at once",
+        )
+
+    def check_finite(self, x: torch.Tensor, what: str, request: GenerationRequest | None = None) -> None:
+        """ValueError naming the likely cause when `x` holds NaN or inf: such a result would be a black or
+        noise image presented as a success."""
+        finite = torch.isfinite(x)
+        if bool(finite.all()):
+            return
+        causes = []
+        if request is not None:
+            if request.guidance_scale is not None and request.guidance_scale > 50:
+                causes.append(f"guidance_scale {request.guidance_scale:g} is far above the usual 1..15")
+            if request.eta is not None and request.eta > 1:
+                causes.append(f"eta {request.eta:g} is above 1 (DDIM's eta: 0 deterministic, 1 DDPM-like)")
+        if self.dtype == torch.float16:
+            causes.append("float16 overflowed: run with dtype float32 or bfloat16")
+        if not causes:
+            causes.append("the model's weights or the settings; try fewer extreme settings or float32")
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{what} hold {bad} NaN/inf values of {finite.numel()} (nothing was saved); likely cause: "
+            + "; ".join(causes)
+        )
 
     @torch.no_grad()
     def generate(
@@ -392,6 +442,7 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         request = self.resolve(request)
+        self.check_memory(request, len(request.prompts) * request.num_images if conditioning is None else None)
         cond, uncond = self.encode(request) if conditioning is None else conditioning
         plan = self.plan(request)
         x, noise = self.initial_noise(request, cond.batch)
@@ -404,7 +455,8 @@ class Pipeline:
             progress=progress,
             callback=callback,
         )
-        return self.decode(latents, output_type)
+        self.check_finite(latents, "the sampled latents", request)
+        return self.decode(latents, output_type, request)
 
     def _given_conditioning(self, request: GenerationRequest, prompt_embeds, negative_prompt_embeds):
         cond = prompt_embeds if isinstance(prompt_embeds, Conditioning) else Conditioning(prompt_embeds)

@@ -10,10 +10,13 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ldm.sampling.samplers import check_eta, resolve_sampler
+from ldm.sampling.names import check_eta
+from ldm.sampling.names import resolve_name as resolve_sampler
 
 OUTPUT_TYPES = ("pil", "np", "latent")
-MAX_SEED = 2**64 - 1
+# torch's CPU generator (mt19937) keeps 32 bits of a seed: 2**32 + k would draw the same noise as k
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 1000  # every SD1/SD2/SDXL schedule has 1000 training timesteps (checked again per model)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class GenerationRequest:
             ),
             (not _is_int(self.steps) or self.steps < 1, f"steps must be an integer >= 1, got {self.steps!r}"),
             (
+                _is_int(self.steps) and self.steps > MAX_STEPS,
+                f"steps {self.steps} is more than the {MAX_STEPS} timesteps Stable Diffusion models are trained on",
+            ),
+            (
                 self.guidance_scale is not None and not (finite(self.guidance_scale) and self.guidance_scale >= 0),
                 f"guidance_scale must be >= 0 (a finite number), got {self.guidance_scale}",
             ),
@@ -100,7 +107,8 @@ class GenerationRequest:
             ),
             (
                 not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED - (self.num_images * len(prompts) - 1),
-                f"seed must be an integer in 0 .. 2**64-1 for every image (seed + i), got {self.seed!r}",
+                f"seed must be an integer in 0 .. 2**32-1 for every image (seed + i; the CPU generator keeps 32 bits), "
+                f"got {self.seed!r}",
             ),
             (
                 self.height is not None and (not _is_int(self.height) or self.height < 8 or self.height % 8),

@@ -624,21 +624,17 @@ def sample_dpmpp_sde(
 
 # ---- registry --------------------------------------------------------------------------------------------
 
-_ALL = SIGMA_SCHEDULES  # default, karras, exponential, beta: use_karras_sigmas / use_exponential_sigmas / ...
 _SIGMA_OPTIONS = "use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas for the formula schedules"
 
 SAMPLERS: list[SamplerInfo] = [
     SamplerInfo(
         name="euler",
-        a1111="Euler",
         diffusers=f"EulerDiscreteScheduler ({_SIGMA_OPTIONS})",
         fn=sample_euler,
         plan=euler_plan,
-        schedules=_ALL,
     ),
     SamplerInfo(
         name="euler_a",
-        a1111="Euler a",
         diffusers="EulerAncestralDiscreteScheduler",
         fn=sample_euler_ancestral,
         plan=euler_a_plan,
@@ -646,44 +642,34 @@ SAMPLERS: list[SamplerInfo] = [
     ),
     SamplerInfo(
         name="heun",
-        a1111="Heun",
         diffusers=f"HeunDiscreteScheduler ({_SIGMA_OPTIONS})",
         fn=sample_heun,
         plan=heun_plan,
-        schedules=_ALL,
     ),
     SamplerInfo(
         name="dpm2",
-        a1111="DPM2",
         diffusers=f"KDPM2DiscreteScheduler ({_SIGMA_OPTIONS})",
         fn=sample_dpm2,
         plan=dpm2_plan,
-        schedules=_ALL,
     ),
     SamplerInfo(
         name="dpm2_a",
-        a1111="DPM2 a",
         diffusers=f"KDPM2AncestralDiscreteScheduler ({_SIGMA_OPTIONS})",
         fn=sample_dpm2_ancestral,
         plan=dpm2_a_plan,
-        schedules=_ALL,
         stochastic=True,
     ),
     SamplerInfo(
         name="lms",
-        a1111="LMS",
         diffusers=f"LMSDiscreteScheduler ({_SIGMA_OPTIONS})",
         fn=sample_lms,
         plan=lms_plan,
-        schedules=_ALL,
     ),
     SamplerInfo(
         name="dpmpp_sde",
-        a1111="DPM++ SDE",
         diffusers=f"DPMSolverSDEScheduler (noise_sampler_seed = the image seeds; {_SIGMA_OPTIONS})",
         fn=sample_dpmpp_sde,
         plan=dpmpp_sde_plan,
-        schedules=_ALL,
         stochastic=True,
     ),
 ]

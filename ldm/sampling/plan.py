@@ -31,9 +31,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ldm.sampling.names import CATALOG, SIGMA_SCHEDULES
 from ldm.sampling.schedule import NoiseSchedule, karras_sigmas
-
-SIGMA_SCHEDULES = ("default", "karras", "exponential", "beta")
 
 
 @dataclass(frozen=True)
@@ -174,14 +173,23 @@ class SamplerInfo:
     given, gets {"i", "t", "x", "denoised"} after each step (x: the step's input, denoised: its x_0).
     """
 
-    name: str  # ours: "dpmpp_2m" (--sampler, pipe(sampler=...), the HTTP API)
-    a1111: str  # AUTOMATIC1111's name: "DPM++ 2M"
+    name: str  # ours: "dpmpp_2m"; its A1111 name, schedules and eta come from ldm.sampling.names.CATALOG
     diffusers: str  # the diffusers scheduler (and settings) it equals step for step
     fn: Callable[..., torch.Tensor]
     plan: PlanRule
-    schedules: tuple[str, ...] = ("default",)  # the sigma schedules it accepts
-    eta: float | None = None  # default eta where the sampler takes one (DDIM); None: it takes none
     stochastic: bool = False  # draws fresh noise during the run (from `noise`)
+
+    @property
+    def a1111(self) -> str:  # AUTOMATIC1111's name: "DPM++ 2M"
+        return CATALOG[self.name].a1111
+
+    @property
+    def schedules(self) -> tuple[str, ...]:  # the sigma schedules it accepts
+        return CATALOG[self.name].schedules
+
+    @property
+    def eta(self) -> float | None:  # default eta where the sampler takes one (DDIM); None: it takes none
+        return CATALOG[self.name].eta
 
     def make_plan(self, schedule: NoiseSchedule, steps: int, sigma_schedule: str = "default") -> SamplingPlan:
         if sigma_schedule not in self.schedules:

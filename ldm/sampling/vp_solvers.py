@@ -43,7 +43,6 @@ from ldm.sampling.plan import (
 from ldm.sampling.schedule import NoiseSchedule
 
 Callback = Callable[[dict], None] | None
-_ALL = ("default", "karras", "exponential", "beta")
 
 
 # ---- plans --------------------------------------------------------------------------------------------
@@ -660,56 +659,44 @@ _DPM = "DPMSolverMultistepScheduler"
 SAMPLERS = [
     SamplerInfo(
         name="ddim",
-        a1111="DDIM",
         diffusers="DDIMScheduler",
         fn=sample_ddim,
         plan=ddim_plan,
-        eta=0.0,
     ),
     SamplerInfo(
         name="plms",
-        a1111="PLMS",
         diffusers="PNDMScheduler (skip_prk_steps=True)",
         fn=sample_plms,
         plan=plms_plan,
     ),
     SamplerInfo(
         name="dpmpp_2m",
-        a1111="DPM++ 2M",
         diffusers=f"{_DPM} (algorithm_type='dpmsolver++', solver_order=2, midpoint; {_SIGMA_OPTIONS})",
         fn=sample_dpmpp_2m,
         plan=dpm_solver_plan,
-        schedules=_ALL,
     ),
     SamplerInfo(
         name="dpmpp_2m_sde",
-        a1111="DPM++ 2M SDE",
         diffusers=f"{_DPM} (algorithm_type='sde-dpmsolver++', solver_order=2, midpoint; {_SIGMA_OPTIONS})",
         fn=sample_dpmpp_2m_sde,
         plan=dpm_solver_plan,
-        schedules=_ALL,
         stochastic=True,
     ),
     SamplerInfo(
         name="dpmpp_3m_sde",
-        a1111="DPM++ 3M SDE",
         diffusers=f"{_DPM} (algorithm_type='sde-dpmsolver++', solver_order=3; {_SIGMA_OPTIONS})",
         fn=sample_dpmpp_3m_sde,
         plan=dpm_solver_plan,
-        schedules=_ALL,
         stochastic=True,
     ),
     SamplerInfo(
         name="unipc",
-        a1111="UniPC",
         diffusers=f"UniPCMultistepScheduler (bh2, order 2; {_SIGMA_OPTIONS})",
         fn=sample_unipc,
         plan=dpm_solver_plan,
-        schedules=_ALL,
     ),
     SamplerInfo(
         name="lcm",
-        a1111="LCM",
         diffusers="LCMScheduler (original_inference_steps=50)",
         fn=sample_lcm,
         plan=lcm_plan,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 MODES = ("full", "lora", "scratch", "vae")
@@ -105,26 +106,15 @@ class TrainConfig:
     export_diffusers: bool = False
 
     def __post_init__(self):
+        numeric = _range_problems(self)  # before anything is loaded or written (and before torch is imported)
+        if numeric:
+            raise ValueError(numeric[0])
         problems = [
             (self.mode not in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-            (
-                self.resolution < 8 or self.resolution % 8,
-                f"resolution {self.resolution} must be a positive multiple of 8",
-            ),
-            (self.batch_size < 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum < 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.max_steps < 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.lr <= 0, f"lr must be > 0, got {self.lr}"),
-            (
-                self.text_encoder_lr is not None and not self.text_encoder_lr > 0,
-                f"text_encoder_lr must be > 0, got {self.text_encoder_lr}",
-            ),
             (self.decoder_only and self.mode != "vae", "decoder_only is for mode vae (it trains a VAE's decoder)"),
             (self.decoder_only and not self.base, "decoder_only needs --base: the VAE whose decoder to fine-tune"),
             (self.mixed_precision not in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
             (self.lr_scheduler not in LR_SCHEDULERS, f"lr_scheduler must be one of {LR_SCHEDULERS}"),
-            (not 0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}"),
-            (self.ema_decay != 0 and not 0 < self.ema_decay < 1, "ema_decay must be 0 (off) or in (0, 1)"),
             (self.optimizer not in ("adamw", "adamw8bit"), "optimizer must be adamw or adamw8bit"),
             (
                 self.mode in ("full", "lora") and not self.base,
@@ -134,13 +124,6 @@ class TrainConfig:
                 self.mode == "scratch" and not self.vae and not self.base,
                 "mode scratch needs --vae (a VAE trained with --mode vae) or --base to take the VAE from",
             ),
-            (self.save_every < 1, f"save_every must be >= 1, got {self.save_every}"),
-            (self.stop_at < 0, f"stop_at must be >= 0, got {self.stop_at}"),
-            (
-                not 0 <= self.shapes_two_objects <= 1,
-                f"shapes_two_objects must be in [0, 1], got {self.shapes_two_objects}",
-            ),
-            (self.lora_rank < 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
             (
                 self.prediction_type not in (None, "epsilon", "v_prediction"),
                 f"prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}",
@@ -156,3 +139,82 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- ranges of the numeric settings
+
+MAX_STEPS = 10_000_000  # checkpoint folders are named step-NNNNNNN
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps 32 bits of a seed (validation images use seed, seed+1, ...)
+SCHEDULE_STEPS = 1000  # the training timesteps of every SD schedule: validation sampling takes at most these
+
+# field -> (low, high, what the range means): integers, inclusive
+INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "resolution": (8, 8192, "a positive multiple of 8, at most 8192"),
+    "batch_size": (1, 65536, ">= 1"),
+    "grad_accum": (1, 65536, ">= 1"),
+    "max_steps": (1, MAX_STEPS, f">= 1 and at most {MAX_STEPS:,}"),
+    "stop_at": (0, MAX_STEPS, "0 (run to max_steps) or a step <= max_steps"),
+    "warmup_steps": (0, MAX_STEPS, ">= 0 and at most max_steps"),
+    "lora_rank": (1, 4096, "in 1..4096"),
+    "save_every": (1, MAX_STEPS, ">= 1"),
+    "keep_checkpoints": (0, 1_000_000, ">= 1, or 0 to keep every checkpoint"),
+    "validate_every": (0, MAX_STEPS, ">= 0 (0 = only at the end)"),
+    "validation_steps": (1, SCHEDULE_STEPS, f"in 1..{SCHEDULE_STEPS} (the schedule's training timesteps)"),
+    "log_every": (1, MAX_STEPS, ">= 1"),
+    "seed": (0, MAX_SEED, f"in 0..{MAX_SEED}"),
+    "num_workers": (0, 1024, "in 0..1024 (0 = load data in the training process)"),
+}
+INF = float("inf")
+# field -> (low, high, low included, high included, what the range means): finite floats
+FLOAT_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "lr": (0.0, 1.0, False, True, "> 0 and at most 1"),
+    "text_encoder_lr": (0.0, 1.0, False, True, "> 0 and at most 1"),
+    "text_init_std": (0.0, 10.0, True, True, "in [0, 10] (0 = CLIP's 0.02)"),
+    "caption_dropout": (0.0, 1.0, True, True, "in [0, 1]"),
+    "shapes_two_objects": (0.0, 1.0, True, True, "in [0, 1]"),
+    "adam_beta1": (0.0, 1.0, True, False, "in [0, 1)"),
+    "adam_beta2": (0.0, 1.0, True, False, "in [0, 1)"),
+    "weight_decay": (0.0, 1.0, True, True, "in [0, 1]"),
+    "adam_eps": (0.0, 1.0, False, True, "> 0 and at most 1"),
+    "max_grad_norm": (0.0, INF, True, False, ">= 0 (0 = no clipping)"),
+    "ema_decay": (0.0, 1.0, True, False, "0 (off) or in (0, 1)"),
+    "snr_gamma": (0.0, INF, True, False, ">= 0 (0 = off)"),
+    "offset_noise": (0.0, 1.0, True, True, "in [0, 1] (0 = off)"),
+    "kl_weight": (0.0, INF, True, False, ">= 0"),
+    "lora_alpha": (0.0, INF, False, False, "> 0"),
+    "validation_guidance": (0.0, 100.0, True, True, "in [0, 100]"),
+}
+OPTIONAL = ("text_encoder_lr", "lora_alpha")  # None: the default (lr, rank)
+
+
+def _range_problems(c: TrainConfig) -> list[str]:
+    """Every numeric setting: its type, finiteness and range (plus the few that depend on each other)."""
+    problems = []
+    for name, (low, high, meaning) in INT_RANGES.items():
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{name} must be an integer {meaning}, got {value!r}")
+        elif not low <= value <= high:
+            problems.append(f"{name} {value} must be {meaning}")
+    for name, (lo, hi, low_in, high_in, meaning) in FLOAT_RANGES.items():
+        value = getattr(c, name)
+        if value is None and name in OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name} must be a number {meaning}, got {value!r}")
+            continue
+        inside = (lo <= value if low_in else lo < value) and (value <= hi if high_in else value < hi)
+        if not math.isfinite(value) or not inside:
+            problems.append(f"{name} {value} must be {meaning}")
+    if problems:
+        return problems
+    if c.resolution % 8:
+        problems.append(f"resolution {c.resolution} must be a positive multiple of 8")
+    if c.stop_at > c.max_steps:
+        problems.append(f"stop_at {c.stop_at} must be <= max_steps {c.max_steps} (0 = run to max_steps)")
+    if c.warmup_steps > c.max_steps:
+        problems.append(f"warmup_steps {c.warmup_steps} must be <= max_steps {c.max_steps}")
+    n_images = max(len(c.validation_prompts), 4)  # validation image i uses seed + i
+    if c.seed > MAX_SEED - (n_images - 1):
+        problems.append(f"seed {c.seed} must be in 0..{MAX_SEED - (n_images - 1)} (validation images use seed + i)")
+    return problems

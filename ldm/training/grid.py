@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm.formats.atomic import atomic_write
+
 
 def save_grid(
     images: list, path: str | os.PathLike, rows: int | None = None, captions: list[str] | None = None, pad: int = 2
@@ -30,8 +32,4 @@ def save_grid(
     info = PngInfo()
     if captions:
         info.add_text("captions", "\n".join(captions))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))

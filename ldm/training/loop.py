@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import random
-import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -29,9 +29,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.formats.atomic import atomic_dir
-from ldm.formats.checkpoint import read_state_dict, save_safetensors
+from ldm.formats.atomic import atomic_dir, atomic_write
+from ldm.formats.checkpoint import save_safetensors
 from ldm.training import setup
+from ldm.training.checkpoints import (
+    EMA as EMA_FILE,
+)
+from ldm.training.checkpoints import (
+    OPTIMIZER,
+    TRAINER,
+    WEIGHTS,
+    CheckpointError,
+    apply_retention,
+    find_resume,
+    read_tensors,
+    read_trainer_state,
+    read_training_state,
+    remove_leftovers,
+    write_manifest,
+)
 from ldm.training.config import RESUME_MUST_MATCH, TrainConfig
 from ldm.training.ema import EMA
 
@@ -49,16 +65,6 @@ def local_slice(batch_size: int, rank: int, world: int) -> slice:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    folder = output_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(
-        (p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
 
 
 def _rng_state() -> dict:
@@ -102,9 +108,21 @@ class Trainer:
         world = self.acc.num_processes
         if c.batch_size % world:
             raise ValueError(f"batch_size {c.batch_size} must be divisible by the {world} processes")
-        dataset = setup.load_dataset(c, main=self.acc.is_main_process)
+        main = self.acc.is_main_process
+        if main:  # what runs killed before their final rename left behind (ldm's own temporary names only)
+            for path in remove_leftovers(self.out):
+                self._say(f"removed {path}: a temporary that an interrupted run left behind")
+        # the checkpoint to resume, checked (manifest, hashes, settings) before any model is loaded
+        self.resume_from = find_resume(c.resume, self.out, self._check_config, self._say)
+        if main and self.resume_from is not None:  # what a run killed while removing old checkpoints left
+            apply_retention(self.out, self.resume_from, c.keep_checkpoints)
+        dataset = setup.load_dataset(c, main=main)
+        setup.check_dataset_size(dataset, c.batch_size)
         self.models = setup.build_models(c, dataset)
-        self.data = setup.build_data(c, self.models, dataset, main=self.acc.is_main_process)
+        setup.check_against_models(c, self.models)
+        # the frozen modules (VAE, text encoder) sit where the batches go, as the prepared module will
+        self.models.to(self.acc.device)
+        self.data = setup.build_data(c, self.models, dataset, main=main)
         self.trainable = self.models.trainable_named_parameters()
         if not self.trainable:
             raise ValueError("nothing to train: no parameter requires a gradient")
@@ -118,6 +136,10 @@ class Trainer:
         self.step = 0
         self.module = self.models.trained_module()
         self.wrapped, self.optimizer = self.acc.prepare(self.module, self.optimizer)
+
+    def _say(self, message: str) -> None:
+        if self.acc.is_main_process:
+            print(message, file=sys.stderr, flush=True)
 
     def _param_groups(self) -> list[dict]:
         """One group, or two when the text encoder trains at its own --text-encoder-lr (the scheduler
@@ -147,38 +169,38 @@ class Trainer:
     # ---------------------------------------------------------------- checkpointing
 
     def save_checkpoint(self) -> Path | None:
+        """checkpoints/step-N/: written in a temporary folder, its manifest last, then renamed; then the
+        oldest beyond --keep-checkpoints are removed (never the one just written)."""
         if not self.acc.is_main_process:
             return None
         final = self.out / "checkpoints" / f"step-{self.step:07d}"
 
         def write(tmp: Path):
-            save_safetensors({k: p.detach() for k, p in self.trainable.items()}, tmp / "trainable.safetensors")
+            save_safetensors({k: p.detach() for k, p in self.trainable.items()}, tmp / WEIGHTS)
             if self.ema is not None:
-                save_safetensors(self.ema.shadow, tmp / "ema.safetensors")
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "ema_num_updates": self.ema.num_updates if self.ema else 0,
-                    "rng": _rng_state(),
-                },
-                tmp / "optimizer.pt",
-            )
+                save_safetensors(self.ema.shadow, tmp / EMA_FILE)
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "ema_num_updates": self.ema.num_updates if self.ema else 0,
+                "rng": _rng_state(),
+            }
+            atomic_write(tmp / OPTIMIZER, lambda t: torch.save(state, t))
             epoch, batch = divmod(self.step * self.cfg.grad_accum, self.data.batches_per_epoch)
             trainer = {
                 "step": self.step,
                 "data_position": {"epoch": epoch, "batch_in_epoch": batch},
                 "config": self.cfg.to_dict(),
             }
-            (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+            atomic_write(tmp / TRAINER, lambda t: Path(t).write_text(json.dumps(trainer, indent=2) + "\n"))
+            write_manifest(tmp, self.step)  # last: its presence marks the checkpoint complete
 
         atomic_dir(final, write, replace_existing=True)
-        for old in list_checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        apply_retention(self.out, final, self.cfg.keep_checkpoints)
         return final
 
-    def load_checkpoint(self, folder: Path) -> None:
-        meta = json.loads((folder / "trainer.json").read_text())
+    def _check_config(self, folder: Path, meta: dict) -> None:
+        """ValueError when the settings of the checkpoint's run differ from this one's where they must match."""
         saved = meta["config"]
         # a setting added after the checkpoint was written had its default then
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -188,49 +210,56 @@ class Trainer:
                     f"cannot resume from {folder}: {name} was {saved.get(name, defaults[name])!r}, now "
                     f"{getattr(self.cfg, name)!r}; use the same setting or a new --output-dir"
                 )
-        weights = read_state_dict(folder / "trainable.safetensors")
-        if weights.keys() != self.trainable.keys():
-            missing = sorted(set(self.trainable) ^ set(weights))[0]
-            raise ValueError(f"cannot resume from {folder}: tensor '{missing}' differs from this run's model")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Continue from a checkpoint folder (checked first: see ldm.training.checkpoints)."""
+        folder = Path(folder)
+        meta = read_trainer_state(folder)
+        self._check_config(folder, meta)
+        weights = read_tensors(folder / WEIGHTS)
+        self._check_tensors(folder / WEIGHTS, weights)
+        ema = None
+        if self.ema is not None:
+            ema = read_tensors(folder / EMA_FILE)
+            self._check_tensors(folder / EMA_FILE, ema)
+        path = folder / OPTIMIZER
+        state = read_training_state(path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            _set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: does not fit this run ({type(e).__name__}: {e}): damaged") from None
         with torch.no_grad():
             for k, p in self.trainable.items():
                 p.copy_(weights[k])
-        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.ema is not None:
-            self.ema.shadow = {k: v.float() for k, v in read_state_dict(folder / "ema.safetensors").items()}
-            self.ema.num_updates = state["ema_num_updates"]
-        _set_rng_state(state["rng"])
+        if self.ema is not None and ema is not None:
+            self.ema.shadow = {k: v.float().to(self.trainable[k].device) for k, v in ema.items()}
+            self.ema.num_updates = int(state.get("ema_num_updates", 0))
         self.step = meta["step"]
 
-    def _resume_folder(self) -> Path | None:
-        r = self.cfg.resume
-        if not r:
-            return None
-        if r == "latest":
-            found = list_checkpoints(self.out)
-            return found[-1] if found else None  # nothing yet: a fresh start
-        folder = Path(r)
-        if not (folder / "trainer.json").is_file():
-            raise ValueError(
-                f"--resume {r}: not a checkpoint folder (no trainer.json); pass 'latest' or "
-                f"{self.out}/checkpoints/step-NNNNNNN"
-            )
-        return folder
+    def _check_tensors(self, path: Path, tensors: dict) -> None:
+        if tensors.keys() != self.trainable.keys():
+            differs = sorted(set(self.trainable) ^ set(tensors))[0]
+            raise ValueError(f"cannot resume from {path}: tensor '{differs}' differs from this run's model")
+        for k, p in self.trainable.items():
+            if tuple(tensors[k].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"cannot resume from {path}: tensor '{k}' is {tuple(tensors[k].shape)}, this run's {tuple(p.shape)}"
+                )
 
     # ---------------------------------------------------------------- the loop
 
     def train(self, on_step: Callable[[int], None] | None = None) -> dict:
         c, acc = self.cfg, self.acc
-        resume = self._resume_folder()
+        resume = self.resume_from
         if resume is not None:
             self.load_checkpoint(resume)
             if acc.is_main_process:
                 print(f"resumed from {resume} at step {self.step}")
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+            config_text = json.dumps(c.to_dict(), indent=2) + "\n"
+            atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(config_text))
         log = LossLog(self.out / "loss.csv", resumed_step=self.step) if acc.is_main_process else None
         sl = local_slice(c.batch_size, acc.process_index, acc.num_processes)
         batches = self.data.batches(self.step * c.grad_accum, sl)
@@ -316,15 +345,20 @@ class LossLog:
     HEADER = ["step", "loss", "lr", "samples_per_s", "time"]
 
     def __init__(self, path: Path, resumed_step: int = 0):
-        path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resumed_step and path.exists():  # rows past the checkpoint we resume from will be redone
             with open(path, newline="") as f:
-                kept = [r for r in csv.reader(f) if r and r[0] != "step" and int(r[0]) <= resumed_step]
-        self.f = open(path, "w", newline="")
+                kept = [r for r in csv.reader(f) if (_logged_step(r) or 0) <= resumed_step and _logged_step(r)]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(self.HEADER)
+                w.writerows(kept)
+
+        atomic_write(path, write)  # a kill now keeps the old log whole
+        self.f = open(path, "a", newline="")
         self.w = csv.writer(self.f)
-        self.w.writerow(self.HEADER)
-        self.w.writerows(kept)
         self.t0 = time.time()
 
     def write(self, step: int, loss: float, lr: float, rate: float) -> None:
@@ -335,11 +369,20 @@ class LossLog:
         self.f.close()
 
 
+def _logged_step(row: list[str]) -> int | None:
+    """The step of a loss.csv row; None for the header and for a row a killed run left unfinished."""
+    if len(row) != len(LossLog.HEADER) or not row[0].isdigit():
+        return None
+    return int(row[0])
+
+
 def read_losses(path: Path) -> tuple[list[int], list[float]]:
     by_step = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            by_step[int(row["step"])] = float(row["loss"])  # a resumed run rewrites steps: keep the last
+    with open(path, newline="") as f:
+        for row in csv.reader(f):
+            step = _logged_step(row)
+            if step is not None:
+                by_step[step] = float(row[1])  # a resumed run rewrites steps: keep the last
     steps = sorted(by_step)
     return steps, [by_step[k] for k in steps]
 
@@ -363,10 +406,10 @@ def plot_losses(csv_path: Path, png_path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return png_path
 
 

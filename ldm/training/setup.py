@@ -95,6 +95,13 @@ class DiffusionModels:
     def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
         return {k: p for k, p in self._module.named_parameters() if p.requires_grad}
 
+    def to(self, device) -> DiffusionModels:
+        """Every module on `device` (accelerate's): the trained one would be moved by `prepare`, but the
+        frozen VAE and text encoder encode each batch there too. A no-op on the CPU."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
     def trained_module(self) -> nn.Module:
         return self._module
 
@@ -197,6 +204,10 @@ class VAEModels:
 
     def trainable_named_parameters(self):
         return {k: p for k, p in self.vae.named_parameters() if p.requires_grad}
+
+    def to(self, device) -> VAEModels:
+        self.vae.to(device)
+        return self
 
     def trained_module(self):
         return self.vae
@@ -384,12 +395,8 @@ class Data:
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int = 0):
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
+        check_dataset_size(dataset, batch_size)
         self.batches_per_epoch = len(dataset) // batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the dataset has {len(dataset)} usable items, fewer than --batch-size {batch_size}; "
-                "add images or lower the batch size"
-            )
 
     def epoch_order(self, epoch: int) -> Sequence[int]:
         n = len(self.dataset)
@@ -426,6 +433,25 @@ class _LocalBatches:
         order, bs = self.data.epoch_order(self.epoch), self.data.batch_size
         for b in range(self.skip, self.data.batches_per_epoch):
             yield list(order[b * bs : (b + 1) * bs])[self.sl]
+
+
+def check_dataset_size(dataset, batch_size: int) -> None:
+    """At least one global batch (checked after the scan, before any model is loaded)."""
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"the dataset has {len(dataset)} usable items, fewer than --batch-size {batch_size}; "
+            "add images or lower the batch size"
+        )
+
+
+def check_against_models(c: TrainConfig, models: DiffusionModels | VAEModels) -> None:
+    """Settings that can only be checked against the loaded models (before anything is trained or written)."""
+    schedule = getattr(models, "schedule", None)
+    if schedule is not None and c.validation_steps > schedule.num_train_timesteps:
+        raise ValueError(
+            f"validation_steps {c.validation_steps} must be at most the model's {schedule.num_train_timesteps} "
+            "training timesteps"
+        )
 
 
 def load_dataset(c: TrainConfig, main: bool = True) -> torch.utils.data.Dataset:
