@@ -159,6 +159,16 @@ def tiny_train_base(tmp_path_factory, tiny_sd_folder):
     return pipe.save_diffusers(tmp_path_factory.mktemp("train_base") / "pipe")
 
 
+def run_main(main, argv, capsys):
+    """A command's main(argv) -> (exit code, stdout, stderr); argparse's own refusals raise SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def make_image_folder(root, n=8, size=64, layout="txt"):
     """n distinct images (a colored block at a distinct place) with distinct captions."""
     import json

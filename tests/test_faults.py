@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 
 from ldm.cli import txt2img
@@ -23,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(argv, capsys):
-    try:
-        code = txt2img.main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(txt2img.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -215,6 +215,6 @@ def test_console_entry_point_is_declared_and_resolves():
     module, _, attr = scripts["ldm"].partition(":")
     assert getattr(importlib.import_module(module), attr) is main
     installed = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "ldm"]
-    if not installed:  # an editable install made before [project.scripts] existed: reinstall to get `ldm`
-        pytest.skip("the installed ldm has no `ldm` console script; run `pip install -e .` again")
+    # requirements.txt installs ldm with `-e .`, which creates the script; an older install lacks it
+    assert installed, "the installed ldm has no `ldm` console script; run `pip install -e .` again"
     assert installed[0].value == scripts["ldm"] and installed[0].load() is main

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_main
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -72,12 +73,7 @@ def test_bad_fields_are_one_line_errors(fields, message):
 
 
 def _run(argv, capsys):
-    try:
-        code = txt2img.main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(txt2img.main, argv, capsys)
 
 
 def _pixels(path) -> np.ndarray:

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 from PIL import Image
 
 from ldm.cli import txt2img
@@ -213,13 +214,7 @@ def test_check_output_folder_probe_fails(tmp_path, monkeypatch):
 
 
 def _run(argv, capsys):
-    """main(argv) -> (exit code, stdout, stderr); argparse's own refusals raise SystemExit."""
-    try:
-        code = txt2img.main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(txt2img.main, argv, capsys)
 
 
 def test_generates_pngs_with_metadata(tiny_sd_folder, tmp_path, capsys):

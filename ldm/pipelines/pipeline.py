@@ -383,11 +383,11 @@ class Pipeline:
         self.check_finite(decoded, "the decoded images", request)
         return to_pil(decoded) if output_type == "pil" else to_numpy(decoded)
 
-    def check_memory(self, request: GenerationRequest, batch: int | None = None) -> None:
+    def check_memory(self, request: GenerationRequest) -> None:
         """ValueError before allocating anything when the request's images cannot fit in the device's free memory
         (ldm.pipelines.memory: U-Net activations at the latent size, VAE decode at the image size)."""
         assert request.height is not None and request.width is not None  # resolved
-        images = batch if batch is not None else len(request.prompts) * request.num_images
+        images = len(request.prompts) * request.num_images
         needed = memory.estimate(
             request.height,
             request.width,
@@ -396,7 +396,7 @@ class Pipeline:
             model_channels=self.unet.config.model_channels,
             latent_channels=self.unet.config.in_channels,
             downsample=self.vae.downsample_factor,
-            dtype_bytes=torch.empty((), dtype=self.dtype).element_size(),
+            dtype_bytes=self.dtype.itemsize,
         )
         memory.check(
             needed,
@@ -442,7 +442,7 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         request = self.resolve(request)
-        self.check_memory(request, len(request.prompts) * request.num_images if conditioning is None else None)
+        self.check_memory(request)
         cond, uncond = self.encode(request) if conditioning is None else conditioning
         plan = self.plan(request)
         x, noise = self.initial_noise(request, cond.batch)

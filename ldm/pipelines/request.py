@@ -10,8 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from ldm.sampling.names import check_eta
-from ldm.sampling.names import resolve_name as resolve_sampler
+from ldm.sampling.names import check_eta, resolve_name
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # torch's CPU generator (mt19937) keeps 32 bits of a seed: 2**32 + k would draw the same noise as k
@@ -39,7 +38,7 @@ class GenerationRequest:
     lora_scale: float = 1.0  # strength of the LoRA adapters held by the U-Net, for this call only
 
     def __post_init__(self):
-        info, schedule = resolve_sampler(self.sampler, None if self.schedule == "default" else self.schedule)
+        info, schedule = resolve_name(self.sampler, None if self.schedule == "default" else self.schedule)
         object.__setattr__(self, "sampler", info.name)
         object.__setattr__(self, "schedule", schedule)
         if isinstance(self.prompt, list):
@@ -127,7 +126,7 @@ class GenerationRequest:
         for bad, message in problems:
             if bad:
                 raise ValueError(message)
-        check_eta(resolve_sampler(self.sampler, self.schedule)[0], self.eta)
+        check_eta(resolve_name(self.sampler, self.schedule)[0], self.eta)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with some fields changed (validated again)."""
