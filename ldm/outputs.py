@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.formats.atomic import atomic_write
-from ldm.pipelines.request import GenerationRequest
+from ldm.pipelines.request import HIRES_UPSCALERS, INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
 from ldm.sampling.names import A1111_SCHEDULES, ALIASES, CATALOG, SCHEDULE_LABELS, SIGMA_SCHEDULES, resolve_name
 
 
@@ -390,6 +390,7 @@ def save_generated(
     extra_params = {"Lora hashes": ", ".join(f"{k}: {v}" for k, v in loras.items())} if loras else {}
     if request.guidance_rescale:
         extra_params["CFG Rescale phi"] = _number(request.guidance_rescale)  # the sd-webui-cfg-rescale key
+    extra_params.update(image_parameters(request, masked=bool(settings and "mask_sha256" in settings)))
     parameters = a1111_parameters(
         request.prompt,
         request.negative_prompt if isinstance(request.negative_prompt, str) else None,
@@ -422,10 +423,52 @@ def save_generated(
     return save_next_png(image, folder, parameters, extra, stem_pattern="{index:05d}-{seed}", seed=request.seed)
 
 
+def image_parameters(request: GenerationRequest, masked: bool = False) -> dict[str, str]:
+    """A1111's infotext fields of the image-to-image modes and the hires fix a request uses (img2img: strength
+    set by Pipeline.resolve; inpainting: `masked`, a mask or outpainting)."""
+    out: dict[str, str] = {}
+    if request.hires_scale is not None:
+        out["Denoising strength"] = _number(request.hires_strength)
+        out["Hires upscale"] = _number(request.hires_scale)
+        out["Hires steps"] = str(request.hires_steps)
+        out["Hires upscaler"] = HIRES_UPSCALERS[request.hires_upscaler]
+        return out
+    if request.strength is None:
+        return out
+    out["Denoising strength"] = _number(request.strength)
+    if request.resize_mode != "resize":
+        out["Resize mode"] = RESIZE_MODES[request.resize_mode]
+    if masked or request.outpaint is not None:
+        out["Mask blur"] = str(request.mask_blur)
+        out["Masked content"] = MASKED_CONTENT[request.masked_content]
+        out["Inpaint area"] = INPAINT_AREAS[request.inpaint_area]
+        if request.inpaint_area == "masked":
+            out["Masked area padding"] = str(request.inpaint_padding)
+        if request.invert_mask:
+            out["Mask mode"] = "Inpaint not masked"
+    if request.outpaint is not None:
+        out["Outpaint"] = ",".join(
+            f"{k}={v}" for k, v in zip(("left", "top", "right", "bottom"), request.outpaint) if v
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- reading a request back
 
 # What ldm's `ldm` record holds beside the request's fields.
-SETTINGS_KEYS = ("model_name", "model_sha256", "prediction_type", "device", "dtype", "loras", "batch")
+SETTINGS_KEYS = (
+    "model_name",
+    "model_sha256",
+    "prediction_type",
+    "device",
+    "dtype",
+    "loras",
+    "batch",
+    "image",
+    "image_sha256",
+    "mask",
+    "mask_sha256",
+)
 # A1111 fields that describe the model or the run, not the image's parameters: read without a note.
 _A1111_INFO_FIELDS = {"Model hash", "Model", "Version", "Lora hashes", "TI hashes", "RNG"}
 
@@ -561,6 +604,12 @@ _RECORD_NUMBERS = (
     "num_images",
     "clip_skip",
     "lora_scale",
+    "strength",
+    "mask_blur",
+    "inpaint_padding",
+    "hires_scale",
+    "hires_strength",
+    "hires_steps",
 )
 
 
@@ -572,8 +621,12 @@ def _record_value_ok(key: str, value: Any) -> bool:
         return isinstance(value, str) or (
             isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
         )
-    if key in ("sampler", "schedule", "output_type"):
+    if key in ("sampler", "schedule", "output_type", "masked_content", "inpaint_area", "resize_mode", "hires_upscaler"):
         return isinstance(value, str)
+    if key == "invert_mask":
+        return isinstance(value, bool)
+    if key == "outpaint":
+        return isinstance(value, list) and len(value) == 4 and all(type(v) is int for v in value)
     if key in _RECORD_NUMBERS:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, (str, int, float, bool))
@@ -641,6 +694,7 @@ def _from_parameters(path: Path, text: str) -> Generation:
     extra = dict(d["extra"])
     if "CFG Rescale phi" in extra:
         fields["guidance_rescale"] = _float(path, "CFG Rescale phi", extra.pop("CFG Rescale phi"))
+    fields.update(_image_fields(path, extra))
     for label, value in (("Sampler", d["sampler"]), ("Schedule type", d["schedule"])):
         if value is None:
             continue
@@ -672,6 +726,42 @@ def _from_parameters(path: Path, text: str) -> Generation:
         settings["rng"] = d["rng"]
     ignored = [f"{k}: {v}" for k, v in extra.items() if k not in _A1111_INFO_FIELDS]
     return Generation(_request(path, fields), settings, ignored, "parameters")
+
+
+def _image_fields(path: Path, extra: dict[str, str]) -> dict[str, Any]:
+    """The request fields of A1111's image-to-image and hires-fix infotext keys (taken out of `extra`)."""
+    from ldm.pipelines.images import parse_outpaint
+
+    out: dict[str, Any] = {}
+    hires = "Hires upscale" in extra
+    if "Denoising strength" in extra:
+        value = _float(path, "Denoising strength", extra.pop("Denoising strength"))
+        out["hires_strength" if hires else "strength"] = value
+    if hires:
+        out["hires_scale"] = _float(path, "Hires upscale", extra.pop("Hires upscale"))
+    for key, field, kind in (
+        ("Hires steps", "hires_steps", int),
+        ("Mask blur", "mask_blur", int),
+        ("Masked area padding", "inpaint_padding", int),
+        ("Hires upscaler", "hires_upscaler", str),
+        ("Masked content", "masked_content", str),
+        ("Inpaint area", "inpaint_area", str),
+        ("Resize mode", "resize_mode", str),
+    ):
+        if key in extra:
+            raw = extra.pop(key)
+            out[field] = int(_float(path, key, raw)) if kind is int else raw
+    if extra.get("Mask mode") == "Inpaint not masked":
+        extra.pop("Mask mode")
+        out["invert_mask"] = True
+    elif extra.get("Mask mode") == "Inpaint masked":
+        extra.pop("Mask mode")
+    if "Outpaint" in extra:
+        try:
+            out["outpaint"] = parse_outpaint(_unquote(extra.pop("Outpaint")))
+        except ValueError as e:
+            raise ValueError(f"{path}: Outpaint: {e}") from None
+    return out
 
 
 def _float(path: Path, key: str, value: str) -> float:

@@ -152,7 +152,8 @@ def test_from_png_reads_a1111_parameters(tiny_sd_folder, tmp_path, capsys):
         tmp_path / "a1111.png",
         "a red circle, (detailed)\nNegative prompt: blue\n"
         "Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 64x64, "
-        "Model hash: 45dee52b00, Model: sd15, Clip skip: 2, Hires upscale: 2, Hires steps: 10, Version: v1.9.4",
+        "Model hash: 45dee52b00, Model: sd15, Clip skip: 2, Hires upscale: 1.5, Hires steps: 2, "
+        "ADetailer model: face_yolov8n.pt, ADetailer confidence: 0.3, Version: v1.9.4",
     )
     g = read_generation(png)
     assert g.source == "parameters"
@@ -165,7 +166,8 @@ def test_from_png_reads_a1111_parameters(tiny_sd_folder, tmp_path, capsys):
         "karras",
     )
     assert (r.guidance_scale, r.seed, r.width, r.height, r.clip_skip) == (6.5, 1234, 64, 64, 2)
-    assert g.ignored == ["Hires upscale: 2", "Hires steps: 10"]
+    assert (r.hires_scale, r.hires_steps, r.hires_upscaler) == (1.5, 2, "latent")  # read since issue 15
+    assert g.ignored == ["ADetailer model: face_yolov8n.pt", "ADetailer confidence: 0.3"]
     assert g.settings["model_sha256"] == "45dee52b00"
 
     code, stdout, stderr = _run(
@@ -173,7 +175,7 @@ def test_from_png_reads_a1111_parameters(tiny_sd_folder, tmp_path, capsys):
     )
     assert code == 0, stderr
     notes = [line for line in stderr.splitlines() if line.startswith("note:")]
-    assert any("not used" in n and "Hires upscale: 2; Hires steps: 10" in n for n in notes)
+    assert any("not used" in n and "ADetailer model: face_yolov8n.pt; ADetailer confidence: 0.3" in n for n in notes)
     assert len([n for n in notes if "not used" in n]) == 1
     assert any("was made with model sd15" in n for n in notes)
     record = _record(Path(stdout.split()[0]))

@@ -17,6 +17,7 @@ from typing import NoReturn
 # subcommand -> (module in ldm.cli, one-line description)
 COMMANDS = {
     "txt2img": ("txt2img", "generate images from a text prompt"),
+    "img2img": ("img2img", "change an image: img2img, inpainting, outpainting"),
     "train": ("train", "fine-tune or train a model (U-Net, LoRA, from scratch) or its VAE"),
     "compare": ("compare_diffusers", "run ldm and diffusers side by side on the same weights"),
     "eval-shapes": ("eval_shapes", "score a model on the procedural shapes prompts"),

@@ -22,6 +22,7 @@ import math
 import random
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from ldm.cli import ArgumentParser, HelpFormatter, command_name, fail
@@ -80,10 +81,104 @@ def _device_problem(name: str) -> str | None:
     return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _choice(choices: dict[str, str]):
+    """argparse type: one of ours or an A1111 label (ldm.pipelines.request.choice)."""
+
+    def parse(value: str) -> str:
+        from ldm.pipelines.request import choice
+
+        try:
+            return choice(value, choices, "")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+    return parse
+
+
+def _outpaint(value: str) -> tuple[int, int, int, int]:
+    from ldm.pipelines.images import parse_outpaint
+
+    try:
+        return parse_outpaint(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """img2img's flags: the input image, its mask, and how they are used."""
+    from ldm.pipelines.request import DEFAULT_STRENGTH, INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+
+    p.add_argument("--image", default=None, metavar="FILE", help="the picture to start from (required)")
+    p.add_argument("--mask", default=None, metavar="FILE", help="inpainting mask: white = repaint, black = keep")
+    p.add_argument(
+        "--mask-from-alpha",
+        action="store_true",
+        help="take the mask from --image's transparency (transparent = repaint) instead of flattening it on white",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"denoising strength 0..1: how much of the picture is redrawn (default: {DEFAULT_STRENGTH}; "
+        "1.0 with a mask or --outpaint)",
+    )
+    p.add_argument(
+        "--resize-mode",
+        type=_choice(RESIZE_MODES),
+        default="resize",
+        help="when the image is not at --width x --height: resize, crop (and resize), fill (resize and fill)",
+    )
+    p.add_argument("--mask-blur", type=int, default=4, help="blur of the mask's edge, pixels")
+    p.add_argument(
+        "--masked-content",
+        type=_choice(MASKED_CONTENT),
+        default="original",
+        help=f"what the masked area starts from: {', '.join(MASKED_CONTENT)}",
+    )
+    p.add_argument(
+        "--inpaint-area",
+        type=_choice(INPAINT_AREAS),
+        default="whole",
+        help="whole (the picture) or masked (only the masked region, cropped and worked at full size)",
+    )
+    p.add_argument(
+        "--inpaint-padding", type=int, default=32, help="pixels around the region with --inpaint-area masked"
+    )
+    p.add_argument("--invert-mask", action="store_true", help="repaint the black part of the mask instead")
+    p.add_argument(
+        "--outpaint",
+        type=_outpaint,
+        default=None,
+        metavar="SIDES",
+        help="extend the canvas and paint the new area, e.g. right=64 or left=128,bottom=64",
+    )
+
+
+def add_hires_arguments(p: argparse.ArgumentParser) -> None:
+    from ldm.pipelines.request import HIRES_UPSCALERS
+
+    p.add_argument(
+        "--hires-scale",
+        type=float,
+        default=None,
+        help="hires fix: generate at --width x --height, upscale by this factor, then redraw (default: off)",
+    )
+    p.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the hires pass")
+    p.add_argument("--hires-steps", type=int, default=0, help="steps of the hires pass (0: the same as --steps)")
+    p.add_argument(
+        "--hires-upscaler",
+        type=_choice(HIRES_UPSCALERS),
+        default="latent",
+        help=f"how the first pass is upscaled: {', '.join(HIRES_UPSCALERS)} (latent: bilinear)",
+    )
+
+
+def build_parser(mode: str = "txt2img", description: str | None = None) -> argparse.ArgumentParser:
     from ldm.sampling.names import CATALOG, SIGMA_SCHEDULES
 
-    p = ArgumentParser(prog=command_name(), description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=command_name(), description=description or __doc__, formatter_class=HelpFormatter)
+    if mode == "img2img":
+        add_image_arguments(p)
     p.add_argument("--prompt", default=None, help="what to draw (required unless --from-png gives it)")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
     p.add_argument(
@@ -177,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="U-Net/text encoder dtype (auto: float16 on CUDA, else float32; the VAE always runs in float32)",
     )
+    if mode == "txt2img":
+        add_hires_arguments(p)
     return p
 
 
@@ -196,12 +293,58 @@ REQUEST_FLAGS = {
     "clip_skip": "clip_skip",
     "lora_scale": "lora_scale",
 }
+IMAGE_FLAGS = {
+    "strength": "strength",
+    "resize_mode": "resize_mode",
+    "mask_blur": "mask_blur",
+    "masked_content": "masked_content",
+    "inpaint_area": "inpaint_area",
+    "inpaint_padding": "inpaint_padding",
+    "invert_mask": "invert_mask",
+    "outpaint": "outpaint",
+}
+HIRES_FLAGS = {
+    "hires_scale": "hires_scale",
+    "hires_strength": "hires_strength",
+    "hires_steps": "hires_steps",
+    "hires_upscaler": "hires_upscaler",
+}
 
 
-def main(argv=None) -> int:
-    p = build_parser()
+def _load_inputs(args) -> tuple:
+    """(image, mask or None) of img2img's flags, read and checked before any model is loaded."""
+    from ldm.pipelines import images
+
+    image = images.load_image(args.image, "--image")
+    mask = None
+    if args.mask_from_alpha:
+        if args.mask is not None:
+            raise ValueError("give --mask FILE or --mask-from-alpha, not both")
+        if not images.has_alpha(image):
+            raise ValueError(f"--mask-from-alpha: --image {args.image} has no transparency ({image.mode}); use --mask")
+        mask = images.alpha_mask(image)
+    elif args.mask is not None:
+        mask = images.load_image(args.mask, "--mask")
+    if mask is not None:
+        import numpy as np
+
+        gray, _ = images.prepare_mask(mask, image.size)
+        values = np.asarray(gray)
+        repaint = values < 128 if args.invert_mask else values >= 128
+        if not repaint.any():
+            name = "--mask-from-alpha (the image is fully opaque)" if args.mask_from_alpha else f"--mask {args.mask}"
+            black = "white" if args.invert_mask else "black"
+            raise ValueError(
+                f"{name} is all {black}: nothing to repaint (white = repaint); give a mask with white areas"
+            )
+    return images.to_rgb(image), mask
+
+
+def main(argv=None, mode: str = "txt2img", description: str | None = None) -> int:
+    p = build_parser(mode, description)
     args = p.parse_args(argv)
     given = _given(p, argv)
+    flags = {**REQUEST_FLAGS, **(IMAGE_FLAGS if mode == "img2img" else HIRES_FLAGS)}
 
     # Validate everything before loading or generating anything.
     problems = [
@@ -241,9 +384,17 @@ def main(argv=None) -> int:
         ),
         *[(not Path(f).is_file(), f"--lora {f}: not found; pass a LoRA .safetensors file") for f in args.lora],
     ]
+    if mode == "img2img":
+        problems.insert(0, (args.image is None, "--image FILE is required (the picture to start from)"))
     for bad, message in problems:
         if bad:
             return fail(message)
+    image = mask = None
+    if mode == "img2img":
+        try:
+            image, mask = _load_inputs(args)
+        except ValueError as e:
+            return fail(str(e))
     from ldm.pipelines.request import GenerationRequest
     from ldm.sampling.names import CATALOG, resolve_name
 
@@ -263,7 +414,7 @@ def main(argv=None) -> int:
                 f"note: {args.from_png}: not used (ldm has no such setting): {'; '.join(generation.ignored)}",
                 file=sys.stderr,
             )
-    for dest, field in REQUEST_FLAGS.items():
+    for dest, field in flags.items():
         if generation is None or dest in given:
             fields[field] = getattr(args, dest)
     fields["num_images"] = 1
@@ -281,22 +432,44 @@ def main(argv=None) -> int:
     except ValueError as e:
         return fail(str(e))
     settings = generation.settings if generation is not None else {}
+    if settings.get("image_sha256") and mode != "img2img":
+        return fail(
+            f"--from-png {args.from_png} was made from an image ({settings.get('image', '?')}); "
+            "use img2img --image FILE"
+        )
+    if settings.get("mask_sha256") and mask is None:
+        return fail(
+            f"--from-png {args.from_png} was inpainted with mask {settings.get('mask', '?')}; pass it with --mask FILE"
+        )
     if settings.get("loras") and not args.lora:
         names = ", ".join(f"{k} ({v})" for k, v in settings["loras"].items())
         return fail(f"--from-png {args.from_png} was made with LoRA {names}; pass the file(s) with --lora FILE")
-    if request.height is not None or request.width is not None:
+    if image is not None:
+        from ldm.pipelines.img2img import work_size
+
+        try:
+            height, width = work_size(request, image.size)
+        except ValueError as e:
+            return fail(f"--image {args.image}: {e}")
+        sized = f"--image {args.image} ({image.width}x{image.height}) at {width}x{height}"
+    else:
+        side = request.height or request.width or 0
+        height, width = request.height or side, request.width or side
+        if request.hires_scale is not None and side:
+            height, width = int(height * request.hires_scale) // 8 * 8, int(width * request.hires_scale) // 8 * 8
+        sized = f"--height {height} --width {width}" + (" after hires fix" if request.hires_scale else "")
+    if height or width:
         from ldm.pipelines import memory
 
-        side = request.height or request.width or 0
         try:
             memory.check(
                 memory.estimate(
-                    request.height or side,
-                    request.width or side,
+                    height,
+                    width,
                     min(args.batch_size, args.n),
                     weights=memory.weights_size(args.weights),
                 ),
-                f"--height {request.height or side} --width {request.width or side}",
+                sized,
                 "cuda" if args.device.startswith("cuda") else "cpu",
                 fix="use a smaller size (or a smaller --batch-size)",
             )
@@ -349,7 +522,7 @@ def main(argv=None) -> int:
                 return fail(str(e))
             loras[model_display_name(f)] = file_sha256(f)[:12]
     try:
-        request = pipe.resolve(request)
+        request = pipe.resolve(request, image.size if image is not None else None, masked=mask is not None)
     except ValueError as e:
         return fail(str(e))
     if seed_random:
@@ -377,14 +550,37 @@ def main(argv=None) -> int:
             return fail(f"--from-png {args.from_png}: its batch {settings['batch']} is not (index, size)")
         request = request.replace(seed=request.seed - only)
         n = batch_size
+    inputs_record = {}
+    if image is not None:
+        inputs_record["image"] = Path(args.image).name
+        inputs_record["image_sha256"] = file_sha256(args.image)
+        if args.mask is not None:
+            inputs_record["mask"] = Path(args.mask).name
+            inputs_record["mask_sha256"] = file_sha256(args.mask)
+        recorded = settings.get("image_sha256")
+        if generation is not None and recorded and recorded != inputs_record["image_sha256"]:
+            print(
+                f"note: {args.from_png} was made from image {settings.get('image', '?')}, not {args.image}: "
+                "the result will differ",
+                file=sys.stderr,
+            )
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         try:
-            images = pipe.generate(
-                request.replace(seed=request.seed + start, num_images=count), output_type="pil", progress=True
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                images = pipe.generate(
+                    request.replace(seed=request.seed + start, num_images=count),
+                    image=image,
+                    mask=mask,
+                    output_type="pil",
+                    progress=True,
+                )
         except ValueError as e:
             return fail(str(e))
+        for w in caught:
+            if start == 0:
+                print(f"warning: {w.message}", file=sys.stderr)
         for i, image in enumerate(images):
             if only is not None and i != only:
                 continue
@@ -396,6 +592,7 @@ def main(argv=None) -> int:
                     model_hash=model_hash,
                     model_name=model_name,
                     settings={
+                        **inputs_record,
                         "prediction_type": pipe.schedule.prediction_type,
                         "device": str(pipe.device),
                         "dtype": str(pipe.dtype).removeprefix("torch."),

@@ -226,12 +226,17 @@ class VAE(nn.Module):
         return 2 ** (len(self.model.config.block_out_channels) - 1)
 
     def encode(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        sample: bool = True,
     ) -> torch.Tensor:
         """(B, 3, H, W) images in [-1, 1] -> (B, 4, H/8, W/8) scaled latents.
 
         sample=True draws z ~ N(mean, std) with `generator` (as diffusers' latent_dist.sample);
-        sample=False takes the mean (latent_dist.mode()).
+        sample=False takes the mean (latent_dist.mode()). A list of generators draws latent i from
+        generator i, as diffusers' pipelines do per image; one image then gives len(generator) latents
+        (encoded once: the encoder is deterministic, only the draw differs).
         """
         f = self.downsample_factor
         if images.ndim != 4 or images.shape[1] != self.model.config.in_channels:
@@ -242,7 +247,16 @@ class VAE(nn.Module):
         if images.shape[-1] % f or images.shape[-2] % f:
             raise ValueError(f"VAE.encode: image size {tuple(images.shape[-2:])} is not a multiple of {f}")
         dist = self.model.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
-        z = dist.sample(generator=generator) if sample else dist.mode()
+        if sample and isinstance(generator, list):
+            from ldm.sampling.noise import randn
+
+            mean, std = dist.mean, dist.std
+            if mean.shape[0] not in (1, len(generator)):
+                raise ValueError(f"VAE.encode: {len(generator)} generators for {mean.shape[0]} images")
+            shape = (len(generator), *mean.shape[1:])
+            z = mean + std * randn(shape, generator, device=mean.device, dtype=mean.dtype)
+        else:
+            z = dist.sample(generator=generator) if sample else dist.mode()
         return (z - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:

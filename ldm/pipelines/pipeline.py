@@ -16,11 +16,13 @@ import ctypes
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ldm.conditioning import Conditioning, TextConditioner
 from ldm.formats.pipeline_files import (
@@ -32,8 +34,8 @@ from ldm.formats.pipeline_files import (
 from ldm.models.lora import lora_scale
 from ldm.models.unet import UNet
 from ldm.models.vae import VAE, to_numpy, to_pil
-from ldm.pipelines import memory
-from ldm.pipelines.request import OUTPUT_TYPES, GenerationRequest
+from ldm.pipelines import img2img, memory
+from ldm.pipelines.request import DEFAULT_STRENGTH, OUTPUT_TYPES, GenerationRequest
 from ldm.sampling.denoiser import Denoiser
 from ldm.sampling.noise import Noise, randn
 from ldm.sampling.plan import SamplingPlan
@@ -266,6 +268,9 @@ class Pipeline:
         *,
         prompt_embeds: torch.Tensor | Conditioning | None = None,
         negative_prompt_embeds: torch.Tensor | Conditioning | None = None,
+        image: Any = None,
+        mask: Any = None,
+        paste: bool = True,
         output_type: str = "pil",
         progress: bool = True,
         callback: Callable[[dict], None] | None = None,
@@ -282,6 +287,11 @@ class Pipeline:
         output_type: "pil" -> list of PIL images, "np" -> float32 (B, H, W, 3) in [0, 1],
         "latent" -> the final (B, 4, h, w) latents (scaled, as the U-Net sees them).
         guidance_scale <= 1 runs the conditional prediction only (as diffusers).
+
+        image: img2img from this picture (PIL, or an 8-bit-like array / tensor in [0, 1]); `strength` (default
+        0.75) is how much of the plan is sampled. mask: inpainting (white = repaint; default strength 1.0), with
+        an inpainting U-Net (9 input channels) or an ordinary one; `paste` puts the result back into the picture
+        through the blurred mask, so that the pixels outside it are the input's (AUTOMATIC1111's overlay).
         """
         if prompt_embeds is None and prompt is None:
             raise ValueError("give a prompt (or prompt_embeds)")
@@ -298,16 +308,39 @@ class Pipeline:
         if prompt_embeds is not None:
             conditioning = self._given_conditioning(request, prompt_embeds, negative_prompt_embeds)
         return self.generate(
-            request, conditioning=conditioning, output_type=output_type, progress=progress, callback=callback
+            request,
+            image=image,
+            mask=mask,
+            paste=paste,
+            conditioning=conditioning,
+            output_type=output_type,
+            progress=progress,
+            callback=callback,
         )
 
     # ---- the stages of a request ------------------------------------------------------------------
 
-    def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """The request with the model's defaults filled in (size, guidance scale, eta), checked against the model."""
+    def resolve(
+        self, request: GenerationRequest, image_size: tuple[int, int] | None = None, masked: bool = False
+    ) -> GenerationRequest:
+        """The request with the model's defaults filled in (size, guidance scale, eta, strength), checked against
+        the model. image_size: (width, height) of an input image (img2img: the default size follows it);
+        masked: the request inpaints (a mask, or outpainting)."""
         f = self.vae.downsample_factor
-        height = request.height or self.default_size[0]
-        width = request.width or self.default_size[1]
+        strength = request.strength
+        if image_size is not None:
+            height, width = img2img.work_size(request, image_size, f)
+            if strength is None:
+                strength = 1.0 if masked or request.outpaint is not None else DEFAULT_STRENGTH
+            if request.hires_scale is not None:
+                raise ValueError(
+                    "hires fix is for txt2img; with an input image, ask img2img for the size you want (height, width)"
+                )
+        else:
+            height = request.height or self.default_size[0]
+            width = request.width or self.default_size[1]
+            if request.outpaint is not None:
+                raise ValueError("outpaint extends an input image: give one (image=..., --image FILE)")
         for name, side in (("height", height), ("width", width)):
             if side % f or side < f:
                 raise ValueError(f"{name} {side} must be a positive multiple of {f} (the VAE's downsampling)")
@@ -317,18 +350,34 @@ class Pipeline:
             )
         guidance = self.default_guidance if request.guidance_scale is None else request.guidance_scale
         info = resolve_sampler(request.sampler, request.schedule)[0]
-        return request.replace(height=height, width=width, guidance_scale=guidance, eta=check_eta(info, request.eta))
+        return request.replace(
+            height=height, width=width, guidance_scale=guidance, eta=check_eta(info, request.eta), strength=strength
+        )
 
     def encode(self, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond) of the request's prompts, one row per image (prompt p's images in a row)."""
         cond, uncond = self.conditioner.encode(request.prompts, request.negative_prompts, request.clip_skip)
         return cond.repeat_interleave(request.num_images), uncond.repeat_interleave(request.num_images)
 
-    def denoiser(self, request: GenerationRequest, cond: Conditioning, uncond: Conditioning) -> Denoiser:
-        """The U-Net wrapped for the samplers: prediction type -> x_0, guidance bound in."""
+    def denoiser(
+        self,
+        request: GenerationRequest,
+        cond: Conditioning,
+        uncond: Conditioning,
+        *,
+        inpaint_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> Denoiser:
+        """The U-Net wrapped for the samplers: prediction type -> x_0, guidance bound in. inpaint_inputs: (mask,
+        masked-image latents), (B, 1, h, w) and (B, 4, h, w), joined to the latents for a 9-channel inpainting
+        U-Net; after_step: the blend of inpainting with an ordinary U-Net (Denoiser.step_done)."""
         unet, device = self.unet, self.device
 
         def model(x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+            if inpaint_inputs is not None:  # [latents, mask, masked image] as diffusers joins them
+                k = x.shape[0] // inpaint_inputs[0].shape[0]  # 2 under guidance: [uncond; cond]
+                extra = [v.repeat(k, 1, 1, 1).to(device=x.device, dtype=x.dtype) for v in inpaint_inputs]
+                x = torch.cat([x, *extra], dim=1)
             return unet(x, t.to(device), c.context)
 
         assert request.guidance_scale is not None  # resolved
@@ -341,6 +390,7 @@ class Pipeline:
             guidance_rescale=request.guidance_rescale,
             model_dtype=self.dtype,
             conditioning=None if not (cond.schedule or uncond.schedule) else lambda i: (cond.at(i), uncond.at(i)),
+            after_step=after_step,
         )
 
     def plan(self, request: GenerationRequest) -> SamplingPlan:
@@ -354,7 +404,7 @@ class Pipeline:
         assert request.height is not None and request.width is not None  # resolved
         f = self.vae.downsample_factor
         noise = Noise.from_seeds([request.seed + i for i in range(batch)])
-        shape = (batch, self.unet.config.in_channels, request.height // f, request.width // f)
+        shape = (batch, self.vae.latent_channels, request.height // f, request.width // f)
         return randn(shape, noise.generator, device=self.device, dtype=torch.float32), noise
 
     def sample(
@@ -388,19 +438,20 @@ class Pipeline:
         (ldm.pipelines.memory: U-Net activations at the latent size, VAE decode at the image size)."""
         assert request.height is not None and request.width is not None  # resolved
         images = len(request.prompts) * request.num_images
+        height, width = self.final_size(request)
         needed = memory.estimate(
-            request.height,
-            request.width,
+            height,
+            width,
             images,
             guidance=(request.guidance_scale or 0) > 1,
             model_channels=self.unet.config.model_channels,
-            latent_channels=self.unet.config.in_channels,
+            latent_channels=self.vae.latent_channels,
             downsample=self.vae.downsample_factor,
             dtype_bytes=self.dtype.itemsize,
         )
         memory.check(
             needed,
-            f"{images} image(s) of {request.width}x{request.height}",
+            f"{images} image(s) of {width}x{height}",
             str(self.device),
             fix="ask for a smaller size or fewer images at once",
         )
@@ -427,36 +478,185 @@ class Pipeline:
             + "; ".join(causes)
         )
 
+    def final_size(self, request: GenerationRequest) -> tuple[int, int]:
+        """(height, width) of the images a resolved request makes (hires fix: the upscaled size)."""
+        assert request.height is not None and request.width is not None  # resolved
+        if request.hires_scale is None:
+            return request.height, request.width
+        f = self.vae.downsample_factor
+        return (int(request.height * request.hires_scale) // f * f, int(request.width * request.hires_scale) // f * f)
+
     @torch.no_grad()
     def generate(
         self,
         request: GenerationRequest,
         *,
+        image: Any = None,
+        mask: Any = None,
+        paste: bool = True,
         conditioning: tuple[Conditioning, Conditioning] | None = None,
         output_type: str = "pil",
         progress: bool = True,
         callback: Callable[[dict], None] | None = None,
     ):
-        """txt2img: encode -> plan -> initial noise -> sample -> decode. `conditioning` (cond, uncond), one row
-        per image, replaces the encoding of the request's prompts."""
+        """One request through the stages: encode -> plan -> start latents -> sample -> decode.
+
+        txt2img (no image): the whole plan from noise, then the hires pass when hires_scale is set. img2img
+        (image): the VAE's latent of the image noised to the start of the plan's tail. Inpainting (mask, or
+        outpaint): the same, with the mask given to a 9-channel U-Net or the known region put back after each
+        step for an ordinary one, and the result pasted into the picture (`paste`). `conditioning` (cond,
+        uncond), one row per image, replaces the encoding of the request's prompts."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        request = self.resolve(request)
+        if mask is not None and image is None:
+            raise ValueError("a mask needs the image it applies to (image=...)")
+        if image is not None:
+            image = img2img.as_pil(image, "image")
+        request = self.resolve(request, image.size if image is not None else None, masked=mask is not None)
         self.check_memory(request)
         cond, uncond = self.encode(request) if conditioning is None else conditioning
+        inputs = None
+        if image is None:
+            latents, noise = self.txt2img_latents(request, cond, uncond, progress=progress, callback=callback)
+            if request.hires_scale is not None:
+                latents = self.hires_latents(
+                    request, cond, uncond, latents, noise, progress=progress, callback=callback
+                )
+        else:
+            inputs, notes = img2img.prepare(request, image, mask)
+            for note in notes:
+                warnings.warn(note, stacklevel=2)
+            latents = self.img2img_latents(request, cond, uncond, inputs, progress=progress, callback=callback)
+        self.check_finite(latents, "the sampled latents", request)
+        if output_type == "latent":
+            return latents
+        decoded = self.decode(latents, "np", request)
+        if inputs is not None and paste:
+            decoded = img2img.paste(decoded, inputs)
+        if output_type == "np":
+            return decoded
+        from PIL import Image
+
+        return [Image.fromarray((a * 255).round().astype("uint8")) for a in decoded]
+
+    def txt2img_latents(
+        self, request: GenerationRequest, cond: Conditioning, uncond: Conditioning, **run: Any
+    ) -> tuple[torch.Tensor, Noise]:
+        """The whole plan sampled from x_T ~ N(0, I) (seed + i per image); the latents and the call's Noise."""
         plan = self.plan(request)
         x, noise = self.initial_noise(request, cond.batch)
-        latents = self.sample(
-            request,
-            self.denoiser(request, cond, uncond),
-            x * plan.noise_scale,
-            plan,
-            noise,
-            progress=progress,
-            callback=callback,
-        )
-        self.check_finite(latents, "the sampled latents", request)
-        return self.decode(latents, output_type, request)
+        denoiser = self.denoiser(request, cond, uncond)
+        return self.sample(request, denoiser, x * plan.noise_scale, plan, noise, **run), noise
+
+    def encode_image(self, pixels: torch.Tensor, noise: Noise) -> torch.Tensor:
+        """(1, 3, H, W) pixels in [-1, 1] -> one float32 latent per image of the call, each drawn from the image's
+        own generator (diffusers' retrieve_latents with a generator per image)."""
+        return self.vae.encode(pixels, _generators(noise)).float()
+
+    def img2img_latents(
+        self,
+        request: GenerationRequest,
+        cond: Conditioning,
+        uncond: Conditioning,
+        inputs: img2img.ImageInputs,
+        **run: Any,
+    ) -> torch.Tensor:
+        """img2img and inpainting: the plan's tail from the image's latents, as diffusers' img2img and inpainting
+        pipelines, draw for draw from each image's generator: the image's latent (when needed), the start noise,
+        the masked image's latent (inpainting; an ordinary U-Net does not use it, its draw is made all the same),
+        then the sampler's own noise."""
+        assert request.strength is not None  # resolved
+        batch, device = cond.batch, self.device
+        noise = Noise.from_seeds([request.seed + i for i in range(batch)])
+        plan = self.plan(request).tail(request.strength)
+        pixels = img2img.to_tensor(inputs.init)
+        masked = inputs.mask is not None
+        inpaint_unet = self.unet.config.in_channels > self.vae.latent_channels
+        full = masked and request.strength == 1.0  # diffusers' inpainting starts from pure noise then
+        image_latents = None
+        if not (full and inpaint_unet):
+            image_latents = self.encode_image(pixels, noise)
+        f = self.vae.downsample_factor
+        shape = (batch, self.vae.latent_channels, request.height // f, request.width // f)  # type: ignore[operator]
+        eps = randn(shape, noise.generator, device=device, dtype=torch.float32)
+        if not masked:
+            assert image_latents is not None
+            if not len(plan):  # strength 0 (or too few steps to keep one): the image, through the VAE
+                return image_latents
+            x = plan.add_noise(image_latents, eps)
+            inputs_9 = None
+            if inpaint_unet:  # an inpainting U-Net asked to redo the whole picture: all mask, nothing kept (A1111)
+                blank = self.vae.encode(torch.zeros_like(pixels), sample=False).float()
+                ones = torch.ones((batch, 1, *shape[-2:]), device=device)
+                inputs_9 = (ones, blank.expand(batch, -1, -1, -1))
+            denoiser = self.denoiser(request, cond, uncond, inpaint_inputs=inputs_9)
+            return self.sample(request, denoiser, x, plan, noise, **run)
+        assert inputs.mask is not None
+        pixel_mask = torch.from_numpy(inputs.mask)[None, None]
+        latent_mask = F.interpolate(pixel_mask, size=shape[-2:]).to(device)  # nearest, as diffusers
+        inpaint_inputs = None
+        if inpaint_unet:
+            masked_latents = self.encode_image(pixels * (pixel_mask < 0.5), noise)
+            inpaint_inputs = (latent_mask.expand(batch, -1, -1, -1), masked_latents)
+        else:  # diffusers encodes the masked image for every U-Net: the same draws keep the sampler's noise its own
+            randn((batch, *shape[1:]), _generators(noise), device=device, dtype=self.vae.dtype)
+        start = image_latents
+        if start is not None and request.masked_content in ("latent_noise", "latent_nothing"):
+            fill = randn(shape, noise.generator, device=device) if request.masked_content == "latent_noise" else 0
+            start = start * (1 - latent_mask) + fill * latent_mask
+        if not len(plan):
+            assert start is not None
+            return start
+        x = eps * plan.noise_scale if full or start is None else plan.add_noise(start, eps)
+        after_step = None
+        if not inpaint_unet:
+            known, n = image_latents, len(plan)
+            assert known is not None
+
+            def after_step(i: int, x: torch.Tensor) -> torch.Tensor:
+                # the known region at the level the step landed on (clean after the last step), as diffusers
+                level = known if i == n - 1 else plan.add_noise(known, eps, i + 1)
+                return (1 - latent_mask) * level + latent_mask * x
+
+        denoiser = self.denoiser(request, cond, uncond, inpaint_inputs=inpaint_inputs, after_step=after_step)
+        return self.sample(request, denoiser, x, plan, noise, **run)
+
+    def hires_latents(
+        self,
+        request: GenerationRequest,
+        cond: Conditioning,
+        uncond: Conditioning,
+        latents: torch.Tensor,
+        noise: Noise,
+        **run: Any,
+    ) -> torch.Tensor:
+        """Hires fix's second pass: the first pass's latents upscaled (in latent space, or decoded, resized with
+        Lanczos and encoded again), then `hires_steps` steps of img2img at `hires_strength`, drawing on from each
+        image's generator. As AUTOMATIC1111 runs it, the pass is the last hires_steps steps of a plan of
+        int(hires_steps / hires_strength) steps."""
+        assert request.hires_scale is not None
+        height, width = self.final_size(request)
+        f = self.vae.downsample_factor
+        if request.hires_upscaler == "lanczos":
+            from PIL import Image
+
+            pictures = self.decode(latents, "pil", request)
+            pixels = torch.cat(
+                [img2img.to_tensor(p.resize((width, height), Image.Resampling.LANCZOS)) for p in pictures]
+            )
+            gens = _generators(noise)
+            up = torch.cat([self.vae.encode(pixels[i : i + 1], [g]).float() for i, g in enumerate(gens)])
+        else:
+            mode = "nearest" if request.hires_upscaler == "latent_nearest" else "bilinear"
+            up = F.interpolate(latents, size=(height // f, width // f), mode=mode)
+        steps = request.hires_steps or request.steps
+        total = min(int(steps / min(request.hires_strength, 0.999)), self.schedule.num_train_timesteps)
+        second = request.replace(height=height, width=width, steps=total)
+        plan = self.plan(second)
+        plan = plan[max(len(plan) - steps, 0) :]
+        eps = noise.randn_like(up)
+        x = plan.add_noise(up, eps)
+        return self.sample(second, self.denoiser(second, cond, uncond), x, plan, noise, **run)
 
     def _given_conditioning(self, request: GenerationRequest, prompt_embeds, negative_prompt_embeds):
         cond = prompt_embeds if isinstance(prompt_embeds, Conditioning) else Conditioning(prompt_embeds)
@@ -480,6 +680,13 @@ class Pipeline:
 
 
 REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("prompt", "negative_prompt")]
+
+
+def _generators(noise: Noise) -> list[torch.Generator]:
+    gens = noise.generator
+    if gens is None:
+        raise ValueError("image-to-image needs seeded generators (Noise.from_seeds)")
+    return list(gens) if isinstance(gens, list) else [gens]
 
 
 def _batch(embeds) -> int:

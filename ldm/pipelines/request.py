@@ -16,6 +16,33 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 # torch's CPU generator (mt19937) keeps 32 bits of a seed: 2**32 + k would draw the same noise as k
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000  # every SD1/SD2/SDXL schedule has 1000 training timesteps (checked again per model)
+MAX_PIXELS_PER_SIDE = 16384  # far beyond any SD model; the memory check refuses most sizes well before
+
+# Choices of the image-to-image settings: ours, and the labels AUTOMATIC1111 shows and writes (read as ours)
+MASKED_CONTENT = {
+    "original": "original",
+    "fill": "fill",
+    "latent_noise": "latent noise",
+    "latent_nothing": "latent nothing",
+}
+INPAINT_AREAS = {"whole": "Whole picture", "masked": "Only masked"}
+RESIZE_MODES = {"resize": "Just resize", "crop": "Crop and resize", "fill": "Resize and fill"}
+HIRES_UPSCALERS = {"latent": "Latent", "latent_nearest": "Latent (nearest)", "lanczos": "Lanczos"}
+DEFAULT_STRENGTH = 0.75  # img2img without a mask (A1111's default denoising strength); with a mask: 1.0
+
+
+def choice(value: Any, choices: dict[str, str], what: str) -> str:
+    """Our name for `value`: one of ours, or an A1111 label (case-insensitive); ValueError naming the choices."""
+    if isinstance(value, str):
+        if value in choices:
+            return value
+        lowered = value.strip().lower()
+        for ours, label in choices.items():
+            if lowered in (ours, label.lower(), ours.replace("_", " ")):
+                return ours
+    raise ValueError(
+        f"{what} {value!r} is not one of {', '.join(choices)} (or {', '.join(map(repr, choices.values()))})"
+    )
 
 
 @dataclass(frozen=True)
@@ -36,6 +63,21 @@ class GenerationRequest:
     schedule: str = "default"  # sigma schedule: default, karras, exponential, beta (or A1111's labels)
     clip_skip: int = 1
     lora_scale: float = 1.0  # strength of the LoRA adapters held by the U-Net, for this call only
+    # image to image (used when an input image is given)
+    strength: float | None = None  # how much to change: the tail of the plan sampled; None: 0.75, 1.0 with a mask
+    resize_mode: str = "resize"  # input not at the requested size: resize, crop (and resize), fill (resize and fill)
+    # inpainting (used when a mask is given; white = repaint)
+    mask_blur: int = 4  # Gaussian blur radius of the mask, pixels (A1111's default 4)
+    masked_content: str = "original"  # what the masked area starts from: original, fill, latent_noise, latent_nothing
+    inpaint_area: str = "whole"  # whole (the picture) or masked (only the masked region, cropped, at full size)
+    inpaint_padding: int = 32  # pixels around the masked region with inpaint_area="masked"
+    invert_mask: bool = False  # repaint the black part instead
+    outpaint: tuple[int, int, int, int] | None = None  # extend the input by (left, top, right, bottom) px, then inpaint
+    # hires fix (txt2img): generate, upscale by hires_scale, then an img2img pass at hires_strength
+    hires_scale: float | None = None  # None: off
+    hires_strength: float = 0.7  # A1111's default denoising strength of the second pass
+    hires_steps: int = 0  # steps of the second pass; 0: the same as steps
+    hires_upscaler: str = "latent"  # latent (bilinear), latent_nearest, lanczos (on the decoded pixels)
 
     def __post_init__(self):
         info, schedule = resolve_name(self.sampler, None if self.schedule == "default" else self.schedule)
@@ -45,6 +87,15 @@ class GenerationRequest:
             object.__setattr__(self, "prompt", tuple(self.prompt))
         if isinstance(self.negative_prompt, list):
             object.__setattr__(self, "negative_prompt", tuple(self.negative_prompt))
+        if isinstance(self.outpaint, list):
+            object.__setattr__(self, "outpaint", tuple(self.outpaint))
+        for name, choices in (
+            ("masked_content", MASKED_CONTENT),
+            ("inpaint_area", INPAINT_AREAS),
+            ("resize_mode", RESIZE_MODES),
+            ("hires_upscaler", HIRES_UPSCALERS),
+        ):
+            object.__setattr__(self, name, choice(getattr(self, name), choices, name))
         self.validate()
 
     @property
@@ -122,6 +173,41 @@ class GenerationRequest:
                 f"clip_skip must be an integer >= 1 (1 = the text encoder's last layer), got {self.clip_skip!r}",
             ),
             (not finite(self.lora_scale), f"lora_scale must be a finite number, got {self.lora_scale}"),
+            (
+                self.strength is not None and not (finite(self.strength) and 0 <= self.strength <= 1),
+                f"strength must be in 0..1 (0 keeps the image, 1 redraws it), got {self.strength!r}",
+            ),
+            (
+                not _is_int(self.mask_blur) or not 0 <= self.mask_blur <= 256,
+                f"mask_blur must be an integer number of pixels in 0..256, got {self.mask_blur!r}",
+            ),
+            (
+                not _is_int(self.inpaint_padding) or not 0 <= self.inpaint_padding <= MAX_PIXELS_PER_SIDE,
+                f"inpaint_padding must be an integer number of pixels >= 0, got {self.inpaint_padding!r}",
+            ),
+            (not isinstance(self.invert_mask, bool), f"invert_mask must be true or false, got {self.invert_mask!r}"),
+            (
+                self.outpaint is not None
+                and not (
+                    isinstance(self.outpaint, tuple)
+                    and len(self.outpaint) == 4
+                    and all(_is_int(v) and 0 <= v <= MAX_PIXELS_PER_SIDE for v in self.outpaint)
+                    and any(self.outpaint)
+                ),
+                f"outpaint must be (left, top, right, bottom) pixels, integers >= 0, not all 0, got {self.outpaint!r}",
+            ),
+            (
+                self.hires_scale is not None and not (finite(self.hires_scale) and 1 <= self.hires_scale <= 8),
+                f"hires_scale must be in 1..8 (the final size over the first pass's), got {self.hires_scale!r}",
+            ),
+            (
+                not (finite(self.hires_strength) and 0 < self.hires_strength <= 1),
+                f"hires_strength must be in (0, 1] (the second pass's denoising strength), got {self.hires_strength!r}",
+            ),
+            (
+                not _is_int(self.hires_steps) or not 0 <= self.hires_steps <= MAX_STEPS,
+                f"hires_steps must be an integer in 0..{MAX_STEPS} (0: the same as steps), got {self.hires_steps!r}",
+            ),
         ]
         for bad, message in problems:
             if bad:

@@ -65,7 +65,8 @@ class Denoiser:
     model(x, t, context) -> output. With guidance_scale > 1 the model runs once on the batch [x; x] with the
     contexts joined by `join(uncond, cond)` (default torch.cat), as diffusers does: one U-Net call per
     evaluation. `conditioning(step) -> (cond, uncond)`, when given, picks the contexts per step of the plan
-    (scheduled prompts); otherwise `cond` / `uncond` serve every step.
+    (scheduled prompts); otherwise `cond` / `uncond` serve every step. `after_step(i, x) -> x`, when given,
+    changes the sample after each step (`step_done`: the inpainting blend).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class Denoiser:
         model_dtype: torch.dtype | None = None,
         join: Callable[[Any, Any], Any] | None = None,
         conditioning: Callable[[int], tuple[Any, Any]] | None = None,
+        after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
@@ -91,6 +93,7 @@ class Denoiser:
         self.model_dtype = model_dtype
         self.join = join or _join
         self.conditioning = conditioning
+        self.after_step = after_step
         self._joined: tuple[Any, Any, Any] | None = None  # (uncond, cond, joined): joined once, not every step
         self.calls = 0  # model evaluations so far (what a sampler costs; tests count them)
 
@@ -118,6 +121,19 @@ class Denoiser:
         out = self.model(torch.cat([x, x]).to(dtype), t, self._joined[2]).float()
         out_uncond, out_cond = out.chunk(2)
         return cfg_combine(out_uncond, out_cond, self.guidance_scale, self.guidance_rescale)
+
+    def step_done(self, i: int, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """x after step i of the plan, at its level i + 1, with `after_step` applied (inpainting with an ordinary
+        model puts the known region back there, as diffusers' inpainting pipeline does after each scheduler step).
+
+        x is in the VP scale; `sigma` (the level's VE sigma) says it is in the k-samplers' VE scale instead,
+        x_0 + sigma eps: `after_step` always sees and returns VP latents."""
+        if self.after_step is None:
+            return x
+        if sigma is None:
+            return self.after_step(i, x)
+        scale = (sigma**2 + 1) ** 0.5
+        return self.after_step(i, x / scale) * scale
 
     def __call__(self, x: torch.Tensor, t, alpha_t, sigma_t, step: int | None = None) -> Prediction:
         out = self.model_output(x, t, step)

@@ -373,7 +373,7 @@ def sample_euler(
         x_next = x + d * (sigma_next - sigma)
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next, plan.sigmas[i + 1])
     return _to_vp(x, plan)
 
 
@@ -402,7 +402,7 @@ def sample_euler_ancestral(
         x_next = x + d * (sigma_down - sigma) + noise.randn_like(x) * sigma_up
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next, plan.sigmas[i + 1])
     return _to_vp(x, plan)
 
 
@@ -443,7 +443,7 @@ def sample_heun(
             x_next = x + (d + d_2) / 2 * dt  # mean of the two slopes
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next, plan.sigmas[i + 1])
     return _to_vp(x, plan)
 
 
@@ -478,7 +478,7 @@ def sample_dpm2(
             x_next = x + d_2 * (sigma_next - sigma)
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next, plan.sigmas[i + 1])
     return _to_vp(x, plan)
 
 
@@ -515,7 +515,7 @@ def sample_dpm2_ancestral(
             x_next = x + d_2 * (sigma_down - sigma) + noise.randn_like(x) * sigma_up
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next, plan.sigmas[i + 1])
     return _to_vp(x, plan)
 
 
@@ -564,7 +564,7 @@ def sample_lms(
         x_next = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next, plan.sigmas[i + 1])
     return _to_vp(x, plan)
 
 
@@ -618,7 +618,7 @@ def sample_dpmpp_sde(
             x_next = _sde_substep(x, denoised_2, t, t_next, noise_sampler)
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next, plan.sigmas[i + 1])
     return _to_vp(x, plan)
 
 

@@ -86,9 +86,11 @@ class SamplingPlan:
         keep = min(int(n * strength), n)
         return self[n - keep :]
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x at the plan's first level for clean latents x0 and unit noise (the start of img2img)."""
-        a = self.alphas_cumprod[0].to(x0.device)
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """x at a level of the plan (the first: the start of img2img) for clean latents x0 and unit noise;
+        level n (sigma 0) gives x0 itself. Inpainting with an ordinary model puts the known region back at
+        each step's landing level this way."""
+        a = self.alphas_cumprod[level].to(x0.device)
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
 
     def landing(self, i: int) -> torch.Tensor:

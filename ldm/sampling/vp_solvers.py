@@ -58,10 +58,10 @@ class MultistepPlan(SamplingPlan):
 
     num_inference_steps: int = 0
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """alpha_t x0 + sigma_t noise at the first level, alpha_t and sigma_t from its sigma (= sqrt(alpha_bar)
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """alpha_t x0 + sigma_t noise at a level, alpha_t and sigma_t from its sigma (= sqrt(alpha_bar)
         and sqrt(1 - alpha_bar)) as DPM-Solver's and UniPC's add_noise compute them, to the last rounding."""
-        alpha_t, sigma_t = vp_from_sigma(self.sigmas[0].to(device=x0.device, dtype=x0.dtype))
+        alpha_t, sigma_t = vp_from_sigma(self.sigmas[level].to(device=x0.device, dtype=x0.dtype))
         return alpha_t * x0 + sigma_t * noise
 
 
@@ -273,7 +273,7 @@ def sample_ddim(
             x_prev = x_prev + std_dev_t * noise.randn_like(pred_eps)  # sigma_t eps_t, eps_t ~ N(0, I)
         if callback is not None:
             callback({"i": i, "t": plan.timesteps[i], "x": x, "denoised": pred_x0})
-        x = x_prev
+        x = denoiser.step_done(i, x_prev)
     return x
 
 
@@ -337,7 +337,7 @@ def sample_plms(
         if callback is not None:
             denoised = (sample - (1 - alpha_prod_t) ** 0.5 * combined) / alpha_prod_t**0.5
             callback({"i": i, "t": t, "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next)
     return x
 
 
@@ -385,7 +385,7 @@ def _dpm_solver_pp(
         lower_order_nums = min(lower_order_nums + 1, order)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next)
     return x
 
 
@@ -608,7 +608,7 @@ def sample_unipc(
         lower_order_nums = min(lower_order_nums + 1, order)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": m})
-        x = x_next
+        x = denoiser.step_done(i, x_next)
     return x
 
 
@@ -649,7 +649,7 @@ def sample_lcm(
             x_next = denoised
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": denoised})
-        x = x_next
+        x = denoiser.step_done(i, x_next)
     return x
 
 
