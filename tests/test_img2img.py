@@ -211,3 +211,21 @@ def test_bad_inputs(tiny_sd_folder):
     # all white repaints everything
     out = pipe(PROMPT, image=init, mask=Image.new("L", (64, 64), 255), steps=2, output_type="np", progress=False)
     assert out.shape == (1, 64, 64, 3)
+
+
+def test_inpainting_unet_detected_from_a_single_file(tiny_inpaint_folder, tmp_path):
+    path = Pipeline.from_pretrained(tiny_inpaint_folder).save_single_file(tmp_path / "inpaint.safetensors")
+    pipe = Pipeline.from_pretrained(path)
+    assert pipe.unet.config.in_channels == 9
+    out = pipe(PROMPT, image=_picture(), mask=_right_half_mask(), steps=3, output_type="np", progress=False)
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop", "fill"])
+def test_resize_modes_and_sizes_not_a_multiple_of_8(tiny_sd_folder, mode):
+    pipe = Pipeline.from_pretrained(tiny_sd_folder)
+    odd = _picture(70).crop((0, 0, 70, 50))
+    out = pipe(PROMPT, image=odd, steps=2, resize_mode=mode, output_type="np", progress=False)
+    assert out.shape == (1, 48, 64, 3)  # its own size rounded down to multiples of 8
+    out = pipe(PROMPT, image=odd, mask=Image.new("L", (70, 50), 255), steps=2, resize_mode=mode, height=64, width=64)
+    assert out[0].size == (64, 64)
