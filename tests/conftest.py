@@ -34,6 +34,46 @@ def tiny_sd2_config(**kw) -> UNetConfig:
     return UNetConfig(**{**base, **kw})
 
 
+# tiny SDXL-like text conditioning: CLIP-L 32 wide + bigG 32 wide (projection 32); 256 features per time id
+TINY_XL_POOLED = 32
+
+
+def tiny_sdxl_config(**kw) -> UNetConfig:
+    """SDXL-base-like: no attention at full resolution, depth 1 then 2 (2 in the middle), 64 = 32+32-wide
+    context, the added vector of 32 pooled + 6 ids x 256."""
+    base = dict(
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        attention_levels=(1, 2),
+        num_heads=None,
+        head_dim=8,
+        context_dim=64,
+        norm_groups=8,
+        use_linear_projection=True,
+        transformer_depth=(0, 1, 2),
+        adm_in_channels=TINY_XL_POOLED + 6 * 256,
+    )
+    return UNetConfig(**{**base, **kw})
+
+
+def tiny_refiner_config(**kw) -> UNetConfig:
+    """SDXL-refiner-like: four levels, attention at the middle two (depth 2), bigG-only 32-wide context, the
+    added vector of 32 pooled + 5 ids x 256."""
+    base = dict(
+        model_channels=32,
+        channel_mult=(1, 2, 2, 2),
+        attention_levels=(1, 2),
+        num_heads=None,
+        head_dim=8,
+        context_dim=32,
+        norm_groups=8,
+        use_linear_projection=True,
+        transformer_depth=2,
+        adm_in_channels=TINY_XL_POOLED + 5 * 256,
+    )
+    return UNetConfig(**{**base, **kw})
+
+
 def diffusers_unet(config: UNetConfig, state_dict: dict | None = None, meta: bool = False):
     """diffusers' UNet2DConditionModel for `config`, holding `state_dict` (ours, mapped) when given."""
     from diffusers import UNet2DConditionModel

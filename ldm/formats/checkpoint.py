@@ -18,6 +18,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ from ldm.formats.metadata import (
 from ldm.models.unet import UNet, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
+SDXL_TIME_ID_DIM = 256  # sinusoidal features per SDXL size/crop id (diffusers' addition_time_embed_dim)
 SAFETENSORS_SUFFIXES = {".safetensors"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -321,12 +323,19 @@ def detect_unet_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") 
         channel_mult.append(width // model_channels)
         if f"input_blocks.{i}.1.norm.weight" in sd:
             attention_levels.append(level)
+    depths = []
+    for level in range(n_levels):
+        i = 1 + level * (num_res_blocks + 1)
+        depths.append(_transformer_depth(sd, f"input_blocks.{i}.1.") if level in attention_levels else 0)
     st = "middle_block.1."
     to_k = need(st + "transformer_blocks.0.attn2.to_k.weight")
     context_dim = to_k.shape[1]
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(st) + r"transformer_blocks\.(\d+)\.", k)))
+    middle = _transformer_depth(sd, st)
     use_linear = need(st + "proj_in.weight", 1).ndim == 2
-    num_heads, head_dim = (None, 64) if context_dim >= 1024 else (8, None)
+    adm = sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None
+    # SD1 (768-wide CLIP context): 8 heads; SD2 (OpenCLIP) and SDXL (added vector y): 64-wide heads
+    num_heads, head_dim = (None, 64) if context_dim >= 1024 or adm is not None else (8, None)
+    depth, middle_depth = canonical_depths(attention_levels, depths, middle)
     return UNetConfig(
         in_channels=in_channels,
         out_channels=out_channels,
@@ -336,10 +345,37 @@ def detect_unet_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") 
         attention_levels=tuple(attention_levels),
         context_dim=context_dim,
         transformer_depth=depth,
+        middle_transformer_depth=middle_depth,
         use_linear_projection=use_linear,
         num_heads=num_heads,
         head_dim=head_dim,
+        adm_in_channels=adm,
     )
+
+
+def canonical_depths(
+    attention_levels: Sequence[int], depths: Sequence[int], middle: int
+) -> tuple[int | tuple[int, ...], int | None]:
+    """(transformer_depth, middle_transformer_depth) of a UNetConfig, written the one way every reader writes
+    it: one number when all attention levels share it (SD1, SD2, SDXL refiner), else one per level (0 where
+    there is no attention: SDXL base); the middle depth None when it is the deepest attention level's."""
+    levels = list(attention_levels)
+    per_level = tuple(int(d) if i in levels else 0 for i, d in enumerate(depths))
+    shared = {per_level[a] for a in levels}
+    if not levels:
+        depth: int | tuple[int, ...] = middle
+    elif len(shared) == 1:
+        depth = shared.pop()
+    else:
+        depth = per_level
+    default_middle = per_level[max(levels)] if levels else depth
+    return depth, (None if middle == default_middle else int(middle))
+
+
+def _transformer_depth(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    """Number of transformer blocks of the SpatialTransformer whose keys start with `prefix`."""
+    pattern = re.compile(re.escape(prefix) + r"transformer_blocks\.(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in sd if (m := pattern.match(k))), default=-1)
 
 
 # --------------------------------------------------------------------------- CompVis <-> diffusers names
@@ -352,6 +388,8 @@ def _prefix_map(c: UNetConfig) -> list[tuple[str, str]]:
     pairs = [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),  # SDXL's added vector (absent elsewhere: never matched)
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
@@ -429,6 +467,21 @@ def unet_from_diffusers_state_dict(
 
 def unet_config_to_diffusers(c: UNetConfig) -> dict:
     heads = [c.heads_at(c.model_channels * m)[0] for m in c.channel_mult]
+    last = len(c.channel_mult) - 1
+    # diffusers' middle block takes the last level's depth; levels without attention ignore theirs
+    depths = [c.depth_at(i) if i in c.attention_levels else 1 for i in range(last)] + [c.middle_depth]
+    if last in c.attention_levels and c.depth_at(last) != c.middle_depth:
+        raise ValueError(
+            f"UNetConfig: a middle depth ({c.middle_depth}) other than the last level's ({c.depth_at(last)}) has "
+            "no diffusers UNet2DConditionModel config"
+        )
+    added = {}
+    if c.adm_in_channels is not None:
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_TIME_ID_DIM,
+            "projection_class_embeddings_input_dim": c.adm_in_channels,
+        }
     return {
         "_class_name": "UNet2DConditionModel",
         "sample_size": 64,
@@ -447,7 +500,7 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
         "cross_attention_dim": c.context_dim,
         # diffusers' historical name: "attention_head_dim" holds the number of heads per block
         "attention_head_dim": heads,
-        "transformer_layers_per_block": c.transformer_depth,
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
         "use_linear_projection": c.use_linear_projection,
         "norm_num_groups": c.norm_groups,
         "norm_eps": 1e-5,
@@ -456,7 +509,8 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
         "freq_shift": 0,
         "center_input_sample": False,
         "downsample_padding": 1,
-        "upcast_attention": c.head_dim is not None,
+        "upcast_attention": c.head_dim is not None and c.adm_in_channels is None,  # as SD2.x's and SDXL's configs
+        **added,
     }
 
 
@@ -472,7 +526,6 @@ def unet_config_from_diffusers(d: dict, source: str = "config.json") -> UNetConf
         ("freq_shift", 0),
         ("act_fn", "silu"),
         ("class_embed_type", None),
-        ("addition_embed_type", None),
         ("encoder_hid_dim", None),
         ("time_embedding_type", "positional"),
         ("resnet_time_scale_shift", "default"),
@@ -487,14 +540,33 @@ def unet_config_from_diffusers(d: dict, source: str = "config.json") -> UNetConf
         if isinstance(val, list) and key == "only_cross_attention":
             val = any(val)
         if val != ok:
-            raise ValueError(f"{source}: {key}={val!r} is not a Stable Diffusion 1.x/2.x U-Net (expected {ok!r})")
+            raise ValueError(f"{source}: {key}={val!r} is not a Stable Diffusion 1.x/2.x/XL U-Net (expected {ok!r})")
+    adm = None
+    added = d.get("addition_embed_type")
+    if added == "text_time":  # SDXL: pooled text + sinusoidal size/crop ids, summed into the time embedding
+        if d.get("addition_time_embed_dim", SDXL_TIME_ID_DIM) != SDXL_TIME_ID_DIM:
+            raise ValueError(
+                f"{source}: addition_time_embed_dim={d.get('addition_time_embed_dim')!r}; SDXL uses {SDXL_TIME_ID_DIM}"
+            )
+        adm = d.get("projection_class_embeddings_input_dim")
+        if not isinstance(adm, int) or adm < 1:
+            raise ValueError(f"{source}: addition_embed_type 'text_time' needs projection_class_embeddings_input_dim")
+    elif added is not None:
+        raise ValueError(
+            f"{source}: addition_embed_type={added!r} is not a Stable Diffusion U-Net (None or 'text_time')"
+        )
     down = d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
     attention_levels = tuple(i for i, t in enumerate(down) if "CrossAttn" in t)
-    depth = d.get("transformer_layers_per_block", 1)
-    if isinstance(depth, (list, tuple)):
-        if len(set(depth)) != 1:
-            raise ValueError(f"{source}: per-level transformer_layers_per_block {depth} is not supported")
-        depth = depth[0]
+    per_block = d.get("transformer_layers_per_block", 1)
+    if isinstance(per_block, (list, tuple)):
+        if len(per_block) != len(blocks):
+            raise ValueError(f"{source}: transformer_layers_per_block {per_block} needs one entry per block")
+        per_block = list(per_block)
+    else:
+        per_block = [per_block] * len(blocks)
+    if any(isinstance(v, (list, tuple)) for v in per_block) or d.get("reverse_transformer_layers_per_block"):
+        raise ValueError(f"{source}: different transformer depths in down and up blocks are not supported")
+    depth, middle = canonical_depths(attention_levels, per_block, per_block[-1])
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(blocks)
     widths = [b // h for b, h in zip(blocks, heads)]
@@ -516,8 +588,10 @@ def unet_config_from_diffusers(d: dict, source: str = "config.json") -> UNetConf
         attention_levels=attention_levels,
         context_dim=cross,
         transformer_depth=depth,
+        middle_transformer_depth=middle,
         use_linear_projection=bool(d.get("use_linear_projection", False)),
         norm_groups=d.get("norm_num_groups", 32),
+        adm_in_channels=adm,
         **head_args,
     )
 
@@ -619,7 +693,12 @@ def unet_config_from_record(d: Any, source: str, record: str = UNET_CONFIG_KEY) 
         ("num_heads", lambda k: r.integer(k, 1, 1024, default=None)),
         ("head_dim", lambda k: r.integer(k, 1, 1024, default=None)),
         ("context_dim", lambda k: r.integer(k, 1, 16384)),
-        ("transformer_depth", lambda k: r.integer(k, 1, 64)),
+        (
+            "transformer_depth",
+            lambda k: r.integer(k, 1, 64) if not isinstance(d[k], (list, tuple)) else r.integers(k, 0, 64, (1, 8)),
+        ),
+        ("middle_transformer_depth", lambda k: r.integer(k, 1, 64, default=None)),
+        ("adm_in_channels", lambda k: r.integer(k, 1, 65536, default=None)),
         ("use_linear_projection", r.flag),
         ("norm_groups", lambda k: r.integer(k, 1, 1024)),
         ("dropout", lambda k: r.number(k, 0.0, 1.0)),

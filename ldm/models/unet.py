@@ -2,8 +2,13 @@
 
 Module attribute names reproduce the original CompVis `openaimodel.py` ones
 (`input_blocks.1.1.transformer_blocks.0.attn2.to_k`, placeholders such as
-`out_layers.2` Dropout included), so the `model.diffusion_model.*` tensors of any
-SD 1.x / 2.x checkpoint load with `load_state_dict(strict=True)` and no renaming.
+`out_layers.2` Dropout included; SDXL's `label_emb.0.0` / `label_emb.0.2` as in Stability's sgm code),
+so the `model.diffusion_model.*` tensors of any SD 1.x / 2.x / XL checkpoint load with
+`load_state_dict(strict=True)` and no renaming.
+
+SDXL is the same network with a transformer depth per level, no attention at full resolution, and an
+added conditioning vector `y` (pooled text + size/crop features, ldm.conditioning.sdxl.label_vector)
+embedded by `label_emb` and summed into the time embedding.
 
 Shape notation: B batch, C channels, H/W latent height/width, L = H*W tokens,
 T text tokens, D context (text embedding) width, nh heads, hd head dim.
@@ -36,8 +41,10 @@ class UNetConfig:
     num_heads: int | None = 8  # fixed head count (SD1) ...
     head_dim: int | None = None  # ... or fixed head width (SD2); exactly one is set
     context_dim: int = 768
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per SpatialTransformer: one for all, or one per level
+    middle_transformer_depth: int | None = None  # None: the depth of the deepest attention level
     use_linear_projection: bool = False  # SD2: Linear proj_in/proj_out instead of 1x1 convs
+    adm_in_channels: int | None = None  # SDXL: width of the added conditioning vector y (label_emb); None: none
     norm_groups: int = 32
     dropout: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form metadata (e.g. prediction type), never read by the model
@@ -45,6 +52,23 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         self.attention_levels = tuple(int(a) for a in self.attention_levels)
+        if isinstance(self.transformer_depth, (list, tuple)):
+            self.transformer_depth = tuple(int(d) for d in self.transformer_depth)
+            if len(self.transformer_depth) != len(self.channel_mult):
+                raise ValueError(
+                    f"UNetConfig: transformer_depth {self.transformer_depth} needs one entry per level "
+                    f"({len(self.channel_mult)})"
+                )
+        depths = [self.depth_at(a) for a in self.attention_levels if 0 <= a < len(self.channel_mult)]
+        if any(d < 1 for d in depths) or (
+            self.middle_transformer_depth is not None and self.middle_transformer_depth < 1
+        ):
+            raise ValueError(
+                f"UNetConfig: transformer depth must be >= 1 at every attention level {self.attention_levels}, "
+                f"got {self.transformer_depth} (middle {self.middle_transformer_depth})"
+            )
+        if self.adm_in_channels is not None and self.adm_in_channels < 1:
+            raise ValueError(f"UNetConfig: adm_in_channels must be positive or None, got {self.adm_in_channels}")
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError("UNetConfig: set exactly one of num_heads (SD1 style) or head_dim (SD2 style)")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -69,6 +93,53 @@ class UNetConfig:
     def sd21(cls) -> UNetConfig:
         """Stable Diffusion 2.x (OpenCLIP ViT-H/14 context, 64-wide heads, linear projections)."""
         return cls(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
+
+    @classmethod
+    def sdxl(cls) -> UNetConfig:
+        """SDXL base (2,567,463,684 parameters): three levels, no attention at full resolution, 2 and 10
+        transformer blocks below (10 in the middle), 64-wide heads, CLIP-L + bigG context (2048 wide), and
+        a 2816-wide added vector (1280 pooled bigG + 6 size/crop ids x 256 sinusoidal features)."""
+        return cls(
+            channel_mult=(1, 2, 4),
+            attention_levels=(1, 2),
+            num_heads=None,
+            head_dim=64,
+            context_dim=2048,
+            transformer_depth=(0, 2, 10),
+            use_linear_projection=True,
+            adm_in_channels=2816,
+        )
+
+    @classmethod
+    def sdxl_refiner(cls) -> UNetConfig:
+        """SDXL refiner (2,259,526,660 parameters): 384 channels, four levels, 4 transformer blocks at the two
+        middle levels and in the middle, bigG context (1280 wide), and a 2560-wide added vector (1280 pooled
+        + 5 ids: original size, crop, aesthetic score)."""
+        return cls(
+            model_channels=384,
+            channel_mult=(1, 2, 4, 4),
+            attention_levels=(1, 2),
+            num_heads=None,
+            head_dim=64,
+            context_dim=1280,
+            transformer_depth=4,
+            use_linear_projection=True,
+            adm_in_channels=2560,
+        )
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks of the SpatialTransformers at a level."""
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
+
+    @property
+    def middle_depth(self) -> int:
+        """Transformer blocks of the middle block's SpatialTransformer."""
+        if self.middle_transformer_depth is not None:
+            return self.middle_transformer_depth
+        if not self.attention_levels:
+            return self.depth_at(len(self.channel_mult) - 1)
+        return self.depth_at(max(self.attention_levels))
 
     def heads_at(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) of the attention at a given channel width."""
@@ -325,13 +396,15 @@ class UNet(nn.Module):
         mc, groups = c.model_channels, c.norm_groups
         emb_ch = mc * 4
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, hd = c.heads_at(ch)
-            return SpatialTransformer(
-                ch, heads, hd, c.transformer_depth, c.context_dim, groups, c.use_linear_projection, c.dropout
-            )
+            return SpatialTransformer(ch, heads, hd, depth, c.context_dim, groups, c.use_linear_projection, c.dropout)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if c.adm_in_channels is not None:  # sgm's nesting: label_emb.0.0 / label_emb.0.2
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, mc, 3, padding=1)])])
         skip_channels = [mc]
@@ -341,7 +414,7 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_ch, mc * mult, groups, c.dropout)]
                 ch = mc * mult
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, c.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -351,7 +424,7 @@ class UNet(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             [
                 ResBlock(ch, emb_ch, ch, groups, c.dropout),
-                transformer(ch),
+                transformer(ch, c.middle_depth),
                 ResBlock(ch, emb_ch, ch, groups, c.dropout),
             ]
         )
@@ -362,7 +435,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mc * mult, groups, c.dropout)]
                 ch = mc * mult
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, c.depth_at(level)))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
@@ -410,7 +483,10 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y: the added conditioning vector (B, adm_in_channels) of an SDXL U-Net; None for SD1/SD2."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -419,6 +495,16 @@ class UNet(nn.Module):
         assert isinstance(dtype, torch.dtype)
         emb = timestep_embedding(t, self.config.model_channels).to(dtype)
         emb = self.time_embed(emb)  # (B, 4*model_channels)
+        if self.config.adm_in_channels is not None:
+            if y is None or y.shape != (B, self.config.adm_in_channels):
+                got = None if y is None else tuple(y.shape)
+                raise ValueError(
+                    f"this U-Net (SDXL-like) takes an added conditioning vector y of shape "
+                    f"({B}, {self.config.adm_in_channels}), got {got}; see ldm.conditioning.sdxl.label_vector"
+                )
+            emb = emb + self.label_emb(y.to(dtype))
+        elif y is not None:
+            raise ValueError("this U-Net (SD1/SD2-like) takes no added conditioning vector y; pass y=None")
 
         h = x.to(dtype)
         skips = []
