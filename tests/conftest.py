@@ -173,6 +173,97 @@ def tiny_sd2_folder(tmp_path_factory):
     return _saved(tmp_path_factory, "sd2")
 
 
+def _tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
+    """A tiny random StableDiffusionXLPipeline (kind "sdxl": CLIP-L-like + bigG-like text encoders, 32 wide each)
+    or a refiner-like StableDiffusionXLImg2ImgPipeline ("refiner": the bigG-like one only, aesthetic-score ids).
+    SDXL's VAE scale 0.13025 and scheduler (EulerDiscrete, leading, steps_offset 1); 64x64 images."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ldm.models.clip import load_tokenizer
+
+    refiner = kind == "refiner"
+    config = tiny_refiner_config() if refiner else tiny_sdxl_config()
+    torch.manual_seed(seed)
+    unet = diffusers_unet(config, random_weights_(UNet(config), seed=seed).state_dict())
+    unet.register_to_config(sample_size=8)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+    random_weights_(vae, seed=seed + 1, scale=0.8)
+
+    def text_config(act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=TINY_XL_POOLED,
+        )
+
+    text_encoder_2 = random_weights_(CLIPTextModelWithProjection(text_config("gelu")), seed=seed + 3).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    # the published SDXL scheduler_config.json carries these DDIM keys too (read by DDIMScheduler.from_config)
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
+    parts = dict(vae=vae.eval(), unet=unet.eval(), scheduler=scheduler)
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=load_tokenizer(pad_token="!"),
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            **parts,
+        )
+    text_encoder = random_weights_(CLIPTextModel(text_config("quick_gelu")), seed=seed + 2).eval()
+    return StableDiffusionXLPipeline(
+        text_encoder=text_encoder,
+        tokenizer=load_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=load_tokenizer(pad_token="!"),
+        **parts,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """A tiny random SDXL-base-like pipeline in diffusers folder format (64x64 images)."""
+    folder = tmp_path_factory.mktemp("tiny_sdxl") / "pipe"
+    _tiny_sdxl_pipeline("sdxl").save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner_folder(tmp_path_factory):
+    """A tiny random SDXL-refiner-like pipeline in diffusers folder format."""
+    folder = tmp_path_factory.mktemp("tiny_refiner") / "pipe"
+    _tiny_sdxl_pipeline("refiner").save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_train_base(tmp_path_factory, tiny_sd_folder):
     """The tiny SD1-like pipeline with a VAE fit for training tests: a near-deterministic encoder

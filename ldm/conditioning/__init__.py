@@ -62,11 +62,22 @@ class Conditioning:
         )
 
     def to(self, device=None, dtype=None) -> Conditioning:
+        """Moved to `device`; context and pooled vector cast to `dtype`. The extra tensors keep their dtype:
+        they are ids (SDXL's sizes: 1500 is not a bfloat16 number), turned into features by their reader."""
         return Conditioning(
             self.context.to(device=device, dtype=dtype),
             None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
-            {k: v.to(device=device, dtype=dtype) for k, v in self.extra.items()},
+            {k: v.to(device=device) for k, v in self.extra.items()},
             tuple((last, c.to(device, dtype)) for last, c in self.schedule),
+        )
+
+    def with_extra(self, **tensors: torch.Tensor) -> Conditioning:
+        """The same conditioning with extra tensors (B, ...) added or replaced, at every scheduled step too."""
+        return Conditioning(
+            self.context,
+            self.pooled,
+            {**self.extra, **tensors},
+            tuple((last, c.with_extra(**tensors)) for last, c in self.schedule),
         )
 
     @staticmethod
@@ -97,3 +108,14 @@ class TextConditioner:
         """(cond, uncond), contexts (B, 77*k, dim) with the same k. negative_prompts None = "" each."""
         cond, uncond = self.encoder.encode_with_negative(prompts, negative_prompts, clip_skip)
         return Conditioning(cond), Conditioning(uncond)
+
+
+# SDXL (two text encoders, pooled vector, size/crop ids), re-exported; imported last: it builds on Conditioning
+from ldm.conditioning.sdxl import (  # noqa: E402, F401
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
+    TIME_ID_DIM,
+    SDXLConditioner,
+    add_time_ids,
+    label_vector,
+)

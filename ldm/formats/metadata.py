@@ -44,9 +44,12 @@ PREDICTION_TYPE = "prediction_type"  # "epsilon" | "v_prediction"
 SCHEDULER = "scheduler"  # the DDIMScheduler config (NoiseSchedule.to_diffusers_config())
 SAMPLE_SIZE = "sample_size"  # default image side in pixels
 GUIDANCE_SCALE = "guidance_scale"  # the model's recommended guidance scale
-TEXT_KIND = "text_kind"  # layout of the text-encoder tensors: "sd1" (CLIP) | "sd2" (OpenCLIP)
+# layout of the text-encoder tensors: "sd1" (CLIP) | "sd2" (OpenCLIP) | "sdxl" (CLIP-L + bigG) | "sdxl_refiner"
+TEXT_KIND = "text_kind"
 TEXT_ENCODER_CONFIG = "text_encoder_config"  # CLIPTextConfig.to_dict()
+TEXT_ENCODER_2_CONFIG = "text_encoder_2_config"  # SDXL's second (bigG) text encoder's CLIPTextConfig
 PAD_TOKEN = "pad_token"  # the tokenizer's padding token ("!" for SD2)
+ZERO_EMPTY_NEGATIVE = "zero_empty_negative"  # SDXL: an empty negative prompt is a zero conditioning
 
 # --------------------------------------------------------------------------- opening downloaded files
 

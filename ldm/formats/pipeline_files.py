@@ -38,9 +38,11 @@ from ldm.formats.metadata import (
     PREDICTION_TYPE,
     SAMPLE_SIZE,
     SCHEDULER,
+    TEXT_ENCODER_2_CONFIG,
     TEXT_ENCODER_CONFIG,
     TEXT_KIND,
     UNET_CONFIG_KEY,
+    ZERO_EMPTY_NEGATIVE,
     Fields,
     load_json,
     open_regular,
@@ -49,9 +51,12 @@ from ldm.formats.metadata import (
 from ldm.models.clip import (
     KINDS,
     TOKENIZER_DIR,
-    detect_kind,
+    detect_text_layout,
     load_text_encoder,
+    load_text_encoder_2,
     load_tokenizer,
+    sdxl_text_encoders_from_single_file,
+    sdxl_text_encoders_to_single_file,
     text_encoder_from_single_file,
     text_encoder_to_single_file,
     text_kind,
@@ -65,6 +70,12 @@ MIN_SIDE, MAX_SIDE = 64, 8192  # default image side in pixels (8..1024 latent pi
 MAX_LATENT_SIDE = 1024
 MAX_GUIDANCE = 100.0
 MAX_TRAIN_TIMESTEPS = 100_000
+LAYOUTS = (*KINDS, "sdxl", "sdxl_refiner")  # text-encoder layouts of a single file (TEXT_KIND)
+SDXL_SCALING_FACTOR = 0.13025  # SDXL's VAE latents (SD1/SD2: 0.18215); original single files do not store it
+SDXL_SIDE = 1024
+SDXL_GUIDANCE = 5.0  # diffusers' SDXL pipelines' default guidance scale
+# SDXL's second tokenizer pads with "!" (diffusers' tokenizer_2), the first with <|endoftext|>
+SDXL_PAD_TOKEN_2 = "!"
 
 
 def read_pipeline_record(path: str | os.PathLike) -> dict[str, Any]:
@@ -88,11 +99,12 @@ def read_pipeline_record(path: str | os.PathLike) -> dict[str, Any]:
     if record.get(GUIDANCE_SCALE) is not None:
         out[GUIDANCE_SCALE] = r.number(GUIDANCE_SCALE, 0.0, MAX_GUIDANCE)
     if record.get(TEXT_KIND) is not None:
-        out[TEXT_KIND] = r.choice(TEXT_KIND, KINDS)
-    if record.get(TEXT_ENCODER_CONFIG) is not None:
-        out[TEXT_ENCODER_CONFIG] = text_config(
-            r.mapping(TEXT_ENCODER_CONFIG), str(path), f"{PIPELINE_KEY} {TEXT_ENCODER_CONFIG}"
-        )
+        out[TEXT_KIND] = r.choice(TEXT_KIND, LAYOUTS)
+    for key in (TEXT_ENCODER_CONFIG, TEXT_ENCODER_2_CONFIG):
+        if record.get(key) is not None:
+            out[key] = text_config(r.mapping(key), str(path), f"{PIPELINE_KEY} {key}")
+    if record.get(ZERO_EMPTY_NEGATIVE) is not None:
+        out[ZERO_EMPTY_NEGATIVE] = r.flag(ZERO_EMPTY_NEGATIVE)
     if record.get(PAD_TOKEN) is not None:
         out[PAD_TOKEN] = r.text(PAD_TOKEN, 100)
     return out
@@ -209,17 +221,33 @@ def _folder_sample_size(folder: Path, factor: int) -> int:
 
 
 def read_diffusers_folder(folder: Path, prediction_type: str | None, ema: bool) -> dict[str, Any]:
-    """The Pipeline components (constructor arguments) of a diffusers folder."""
-    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+    """The Pipeline components (constructor arguments) of a diffusers folder: SD1/SD2 (text_encoder/), SDXL base
+    (text_encoder/ and text_encoder_2/) or SDXL refiner (text_encoder_2/ only)."""
+    xl = (folder / "text_encoder_2").is_dir()
+    needed = ["unet", "vae"] + (["text_encoder_2", "tokenizer_2"] if xl else ["text_encoder", "tokenizer"])
+    for part in needed:
         if not (folder / part).is_dir():
             raise ValueError(
                 f"{folder}: not a diffusers pipeline folder (no {part}/ inside); pass the folder "
                 "that holds model_index.json, or a single .safetensors file"
             )
+    if xl and (folder / "text_encoder").is_dir() != (folder / "tokenizer").is_dir():
+        raise ValueError(
+            f"{folder}: has one of text_encoder/ and tokenizer/ without the other; an SDXL base needs both"
+        )
     unet = load_unet(folder)
     vae = load_vae(folder)
-    text_encoder = load_text_encoder(folder / "text_encoder")
-    tokenizer = load_tokenizer(folder / "tokenizer")
+    text_encoder = tokenizer = None
+    if (folder / "text_encoder").is_dir():
+        text_encoder = load_text_encoder(folder / "text_encoder")
+        tokenizer = load_tokenizer(folder / "tokenizer")
+    extra: dict[str, Any] = {}
+    if xl:
+        extra = dict(
+            text_encoder_2=load_text_encoder_2(folder / "text_encoder_2"),
+            tokenizer_2=load_tokenizer(folder / "tokenizer_2"),
+            zero_empty_negative=_model_index(folder).get("force_zeros_for_empty_prompt", True) is not False,
+        )
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched_cfg = None
     if sched_file.is_file():
@@ -235,7 +263,21 @@ def read_diffusers_folder(folder: Path, prediction_type: str | None, ema: bool) 
         schedule=schedule,
         default_size=(side, side),
         model_path=folder,
+        default_guidance=SDXL_GUIDANCE if xl else 7.5,
+        **extra,
     )
+
+
+def _model_index(folder: Path) -> dict[str, Any]:
+    """model_index.json of a diffusers folder ({} when it has none)."""
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return {}
+    with open_regular(path) as (f, _, _):
+        index = load_json(f.read(), str(path))
+    if not isinstance(index, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return index
 
 
 def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict[str, Any]:
@@ -244,10 +286,37 @@ def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict
     meta = stored["pipeline"]
     sd = read_state_dict(path)
     unet = unet_from_single_file(path, sd, stored["unet"], ema=ema, dtype=torch.float32)
-    vae = load_vae(path)
     # ldm before 0.1 wrote every text encoder in the SD1 layout, with text_kind "sd1" and its own config
     # (an SD2-like one with hidden_act "gelu"): the stored kind names the layout, the config the model
-    kind = meta.get(TEXT_KIND) or detect_kind(sd)
+    kind = meta.get(TEXT_KIND) or detect_text_layout(sd)
+    _check_family(path, kind, unet.config.adm_in_channels)
+    if kind in ("sdxl", "sdxl_refiner"):
+        # SDXL's VAE has SD's architecture and its own latent scale, which original files do not store
+        vae = load_vae(path, None if stored["vae"] else {"scaling_factor": SDXL_SCALING_FACTOR})
+        try:
+            text_encoder, text_encoder_2 = sdxl_text_encoders_from_single_file(
+                sd, config_l=meta.get(TEXT_ENCODER_CONFIG), config_g=meta.get(TEXT_ENCODER_2_CONFIG)
+            )
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        del sd
+        tokenizer = None if text_encoder is None else load_tokenizer(pad_token=meta.get(PAD_TOKEN))
+        side = meta.get(SAMPLE_SIZE) or SDXL_SIDE
+        guidance = meta.get(GUIDANCE_SCALE)
+        return dict(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=load_tokenizer(pad_token=SDXL_PAD_TOKEN_2),
+            schedule=_schedule(meta.get(SCHEDULER), prediction_type or meta.get(PREDICTION_TYPE)),
+            default_size=(side, side),
+            model_path=path,
+            default_guidance=SDXL_GUIDANCE if guidance is None else guidance,
+            zero_empty_negative=meta.get(ZERO_EMPTY_NEGATIVE, True),
+        )
+    vae = load_vae(path)
     text_encoder = text_encoder_from_single_file(sd, kind, config=meta.get(TEXT_ENCODER_CONFIG))
     del sd
     pad = meta.get(PAD_TOKEN) or ("!" if kind == "sd2" else None)
@@ -270,14 +339,32 @@ def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict
     )
 
 
+def _check_family(path: Path, layout: str, adm_in_channels: int | None) -> None:
+    """The U-Net and the text encoders of one file belong to the same family (one-line ValueError naming both)."""
+    xl_text = layout in ("sdxl", "sdxl_refiner")
+    if xl_text and adm_in_channels is None:
+        raise ValueError(
+            f"{path}: SDXL text encoders (conditioner.embedders.*) beside an SD1/SD2 U-Net (no label_emb.*); "
+            "the file mixes two models"
+        )
+    if not xl_text and adm_in_channels is not None:
+        raise ValueError(
+            f"{path}: an SDXL U-Net (label_emb.*) with {layout} text-encoder tensors (cond_stage_model.*) instead of "
+            "SDXL's conditioner.embedders.*; the file mixes two models or lacks SDXL's text encoders"
+        )
+
+
 def single_file_tensors(pipe) -> dict[str, torch.Tensor]:
     """Every tensor of `pipe` under the names of an original checkpoint of its family: `model.diffusion_model.*`,
     `first_stage_model.*`, and the text encoder as SD1 (`cond_stage_model.transformer.text_model.*`) or SD2
     (`cond_stage_model.model.*`, OpenCLIP) has it (ldm.models.clip.text_encoder_to_single_file)."""
-    if pipe.unet.config.context_dim != pipe.text_encoder.config.hidden_size:
-        raise ValueError("U-Net context width and text encoder width differ")
     tensors = {UNET_PREFIX + k: v for k, v in pipe.unet.state_dict().items()}
     tensors.update(vae_to_original_state_dict(pipe.vae))
+    if pipe.family != "sd":  # sgm's conditioner.embedders.*
+        tensors.update(sdxl_text_encoders_to_single_file(pipe.text_encoder, pipe.text_encoder_2))
+        return tensors
+    if pipe.unet.config.context_dim != pipe.text_encoder.config.hidden_size:
+        raise ValueError("U-Net context width and text encoder width differ")
     tensors.update(text_encoder_to_single_file(pipe.text_encoder))
     return tensors
 
@@ -285,15 +372,20 @@ def single_file_tensors(pipe) -> dict[str, torch.Tensor]:
 def write_single_file(pipe, path: str | os.PathLike) -> Path:
     """One safetensors file in the original SD layout of the pipeline's family (single_file_tensors),
     with the configs in its metadata so that ldm loads it back exactly."""
-    record = {
+    record: dict[str, Any] = {
         PREDICTION_TYPE: pipe.schedule.prediction_type,
         SCHEDULER: pipe.schedule.to_diffusers_config(),
         SAMPLE_SIZE: pipe.default_size[0],
         GUIDANCE_SCALE: pipe.default_guidance,
-        TEXT_KIND: text_kind(pipe.text_encoder),
-        TEXT_ENCODER_CONFIG: pipe.text_encoder.config.to_dict(),
-        PAD_TOKEN: pipe.tokenizer.pad_token,
     }
+    if pipe.family == "sd":
+        record[TEXT_KIND] = text_kind(pipe.text_encoder)
+    else:
+        record.update({TEXT_KIND: pipe.family, ZERO_EMPTY_NEGATIVE: pipe.zero_empty_negative})
+        record[TEXT_ENCODER_2_CONFIG] = pipe.text_encoder_2.config.to_dict()
+    if pipe.text_encoder is not None:
+        record[TEXT_ENCODER_CONFIG] = pipe.text_encoder.config.to_dict()
+        record[PAD_TOKEN] = pipe.tokenizer.pad_token
     meta = {
         UNET_CONFIG_KEY: json.dumps(pipe.unet.config.to_dict()),
         PIPELINE_KEY: json.dumps(record),
@@ -333,7 +425,9 @@ def text_encoder_folder_tensors(model) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         name = key.removeprefix(TEXT_ENCODER_PREFIX)
-        if name != "embeddings.position_ids":
+        if name == "text_projection.weight":  # CLIPTextModelWithProjection's, beside text_model.*
+            out[name] = value.detach()
+        elif name != "embeddings.position_ids":
             out[TEXT_ENCODER_PREFIX + name] = value.detach()
     return out
 
@@ -343,7 +437,7 @@ def text_encoder_folder_config(model) -> dict[str, Any]:
     cfg = model.config.to_dict()
     dtype = next(model.parameters()).dtype
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": [type(model).__name__],  # CLIPTextModel, or SDXL's CLIPTextModelWithProjection
         "model_type": "clip_text_model",
         **{k: cfg[k] for k in CLIP_TEXT_CONFIG_FIELDS},
         "torch_dtype": str(dtype).removeprefix("torch."),  # 4.x's name; >= 5 reads it as "dtype"
@@ -400,6 +494,26 @@ def write_tokenizer_folder(tokenizer, folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _sdxl_model_index(pipe) -> dict[str, Any]:
+    """model_index.json of an SDXL folder: StableDiffusionXLPipeline's, or the refiner's img2img pipeline."""
+    refiner = pipe.family == "sdxl_refiner"
+    clip = ["transformers", "CLIPTextModel"]
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": [None, None] if refiner else clip,
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "force_zeros_for_empty_prompt": pipe.zero_empty_negative,
+    }
+    if refiner:
+        index["requires_aesthetics_score"] = True
+    return index
+
+
 def write_diffusers_folder(pipe, folder: str | os.PathLike) -> Path:
     """A diffusers folder (unet, vae, text_encoder, tokenizer, scheduler, model_index.json) that both
     `Pipeline.from_pretrained` and diffusers' `StableDiffusionPipeline.from_pretrained` load.
@@ -414,8 +528,12 @@ def write_diffusers_folder(pipe, folder: str | os.PathLike) -> Path:
         unet_cfg["sample_size"] = pipe.default_size[0] // pipe.vae.downsample_factor
         (tmp / "unet" / "config.json").write_text(json.dumps(unet_cfg, indent=2) + "\n")
         save_vae_diffusers(pipe.vae, tmp / "vae")
-        write_text_encoder_folder(pipe.text_encoder, tmp / "text_encoder")
-        write_tokenizer_folder(pipe.tokenizer, tmp / "tokenizer")
+        if pipe.text_encoder is not None:
+            write_text_encoder_folder(pipe.text_encoder, tmp / "text_encoder")
+            write_tokenizer_folder(pipe.tokenizer, tmp / "tokenizer")
+        if pipe.family != "sd":
+            write_text_encoder_folder(pipe.text_encoder_2, tmp / "text_encoder_2")
+            write_tokenizer_folder(pipe.tokenizer_2, tmp / "tokenizer_2")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(pipe.schedule.to_diffusers_config(), indent=2) + "\n"
@@ -431,6 +549,8 @@ def write_diffusers_folder(pipe, folder: str | os.PathLike) -> Path:
             "feature_extractor": [None, None],
             "requires_safety_checker": False,
         }
+        if pipe.family != "sd":
+            index = _sdxl_model_index(pipe)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     atomic_dir(folder, write)  # the rename fails on a non-empty folder that appeared meanwhile

@@ -114,9 +114,14 @@ def prepare_for_inference(module: torch.nn.Module, device: torch.device | str) -
     return module
 
 
+FAMILIES = ("sd", "sdxl", "sdxl_refiner")
+
+
 class Pipeline:
     """Public parts: `unet` (ldm.UNet), `vae` (ldm.models.vae.VAE), `text_encoder` (transformers CLIPTextModel),
-    `tokenizer` (CLIPTokenizer), `schedule` (ldm.sampling.schedule.NoiseSchedule)."""
+    `tokenizer` (CLIPTokenizer), `schedule` (ldm.sampling.schedule.NoiseSchedule); SDXL adds `text_encoder_2`
+    (CLIPTextModelWithProjection, OpenCLIP ViT-bigG) and `tokenizer_2`, and the SDXL refiner has only those
+    two (`text_encoder` and `tokenizer` are None), as diffusers' SDXL pipelines hold them."""
 
     def __init__(
         self,
@@ -128,25 +133,60 @@ class Pipeline:
         default_size: tuple[int, int] = (512, 512),
         model_path: Path | None = None,
         default_guidance: float = 7.5,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        zero_empty_negative: bool = True,
     ):
         self.unet = unet.eval()
         self.vae = vae.eval()
-        self.text_encoder = text_encoder.eval()
+        self.text_encoder = None if text_encoder is None else text_encoder.eval()
         self.tokenizer = tokenizer
+        self.text_encoder_2 = None if text_encoder_2 is None else text_encoder_2.eval()
+        self.tokenizer_2 = tokenizer_2
+        # SDXL: an empty negative prompt is a zero conditioning (diffusers' force_zeros_for_empty_prompt, A1111)
+        self.zero_empty_negative = bool(zero_empty_negative)
+        _check_parts(unet, text_encoder, text_encoder_2)
         self.schedule = schedule
         self.default_size = tuple(default_size)
         self.default_guidance = float(default_guidance)  # the model's recommended guidance scale
         self.compiled = False
         self.model_path = Path(model_path) if model_path is not None else None
-        self._conditioner: TextConditioner | None = None
+        self._conditioner: Any = None
+        self._conditioner_parts: tuple = ()
 
     @property
-    def conditioner(self) -> TextConditioner:
-        """Prompts -> Conditioning, built once (again only if `tokenizer` or `text_encoder` is replaced)."""
-        c = self._conditioner
-        if c is None or c.encoder.tokenizer is not self.tokenizer or c.encoder.model is not self.text_encoder:
-            c = self._conditioner = TextConditioner(self.tokenizer, self.text_encoder)
-        return c
+    def family(self) -> str:
+        """ "sd" (SD 1.x / 2.x: one text encoder), "sdxl" (two, and the added vector) or "sdxl_refiner" (bigG only,
+        aesthetic-score ids)."""
+        if self.unet.config.adm_in_channels is None:
+            return "sd"
+        return "sdxl_refiner" if self.text_encoder is None else "sdxl"
+
+    @property
+    def conditioner(self):
+        """Prompts -> Conditioning (TextConditioner, or SDXLConditioner), built once (again only if a tokenizer or
+        text encoder is replaced)."""
+        parts = (self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2)
+        if self._conditioner is None or any(a is not b for a, b in zip(parts, self._conditioner_parts)):
+            if self.family == "sd":
+                self._conditioner = TextConditioner(self.tokenizer, self.text_encoder)
+            else:
+                from ldm.conditioning.sdxl import SDXLConditioner
+
+                self._conditioner = SDXLConditioner(*parts)
+            self._conditioner_parts = parts
+        return self._conditioner
+
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, clip_skip: int = 1
+    ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) Conditionings of prompts, one row each (SDXL: an empty negative prompt gives zeros when
+        the model asks for it, `zero_empty_negative`)."""
+        if self.family == "sd":
+            return self.conditioner.encode(prompts, negative_prompts, clip_skip)
+        return self.conditioner.encode(
+            prompts, negative_prompts, clip_skip, zero_empty_negative=self.zero_empty_negative
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -200,7 +240,9 @@ class Pipeline:
         overflow; 4x faster decoding on CPUs with bf16 units) and otherwise stays float32 (SD's VAE
         overflows in float16: NaN / black images)."""
         prepare_for_inference(self.unet.to(device=device, dtype=dtype), device or self.device)
-        self.text_encoder.to(device=device, dtype=dtype)
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            if encoder is not None:
+                encoder.to(device=device, dtype=dtype)
         vae_dtype = None if dtype is None else (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
         # nn.Module.to: diffusers' own .to() warns about fp32 modules on every bf16 cast (there are none here)
         torch.nn.Module.to(self.vae, device=device, dtype=vae_dtype)
@@ -257,7 +299,7 @@ class Pipeline:
         self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None, clip_skip: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(context, negative context), each (B, 77*k, dim)."""
-        cond, uncond = self.conditioner.encode(prompts, negative_prompts, clip_skip)
+        cond, uncond = self.encode_prompts(prompts, negative_prompts, clip_skip)
         return cond.context, uncond.context
 
     @torch.no_grad()
@@ -274,6 +316,7 @@ class Pipeline:
         output_type: str = "pil",
         progress: bool = True,
         callback: Callable[[dict], None] | None = None,
+        refiner: Pipeline | None = None,
         **parameters: Any,
     ):
         """Images for each prompt (num_images each, in prompt order); image i starts from seed + i.
@@ -292,6 +335,7 @@ class Pipeline:
         0.75) is how much of the plan is sampled. mask: inpainting (white = repaint; default strength 1.0), with
         an inpainting U-Net (9 input channels) or an ordinary one; `paste` puts the result back into the picture
         through the blurred mask, so that the pixels outside it are the input's (AUTOMATIC1111's overlay).
+        refiner: an SDXL refiner Pipeline that samples the steps after `refiner_switch` (default 0.8) of the way.
         """
         if prompt_embeds is None and prompt is None:
             raise ValueError("give a prompt (or prompt_embeds)")
@@ -316,6 +360,7 @@ class Pipeline:
             output_type=output_type,
             progress=progress,
             callback=callback,
+            refiner=refiner,
         )
 
     # ---- the stages of a request ------------------------------------------------------------------
@@ -356,8 +401,31 @@ class Pipeline:
 
     def encode(self, request: GenerationRequest) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond) of the request's prompts, one row per image (prompt p's images in a row)."""
-        cond, uncond = self.conditioner.encode(request.prompts, request.negative_prompts, request.clip_skip)
+        cond, uncond = self.encode_prompts(request.prompts, request.negative_prompts, request.clip_skip)
         return cond.repeat_interleave(request.num_images), uncond.repeat_interleave(request.num_images)
+
+    def added_conditioning(
+        self, request: GenerationRequest, cond: Conditioning, uncond: Conditioning
+    ) -> tuple[Conditioning, Conditioning]:
+        """SDXL: (cond, uncond) with their size/crop ids (the refiner's: size, crop and aesthetic score) for the
+        request's size, as `time_ids` (B, 6 or 5); other models take none. Each pass (hires fix, refiner) gets the
+        ids of its own size and model."""
+        if self.family == "sd":
+            return cond, uncond
+        from ldm.conditioning.sdxl import add_time_ids
+
+        assert request.height is not None and request.width is not None  # resolved
+        size = (request.height, request.width)
+        original, target = request.original_size or size, request.target_size or size
+        if self.family == "sdxl_refiner":
+            ids = add_time_ids(original, request.crop_top_left, target, request.aesthetic_score)
+            negative_ids = add_time_ids(original, request.crop_top_left, target, request.negative_aesthetic_score)
+        else:
+            ids = negative_ids = add_time_ids(original, request.crop_top_left, target)
+        return (
+            cond.with_extra(time_ids=ids.expand(cond.batch, -1)),
+            uncond.with_extra(time_ids=negative_ids.expand(uncond.batch, -1)),
+        )
 
     def denoiser(
         self,
@@ -372,13 +440,21 @@ class Pipeline:
         masked-image latents), (B, 1, h, w) and (B, 4, h, w), joined to the latents for a 9-channel inpainting
         U-Net; after_step: the blend of inpainting with an ordinary U-Net (Denoiser.step_done)."""
         unet, device = self.unet, self.device
+        cond, uncond = self.added_conditioning(request, cond, uncond)
+        added = self.family != "sd"
 
         def model(x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
             if inpaint_inputs is not None:  # [latents, mask, masked image] as diffusers joins them
                 k = x.shape[0] // inpaint_inputs[0].shape[0]  # 2 under guidance: [uncond; cond]
                 extra = [v.repeat(k, 1, 1, 1).to(device=x.device, dtype=x.dtype) for v in inpaint_inputs]
                 x = torch.cat([x, *extra], dim=1)
-            return unet(x, t.to(device), c.context)
+            y = None
+            if added:  # SDXL's added vector: pooled text and the ids' sinusoidal features
+                from ldm.conditioning.sdxl import label_vector
+
+                assert c.pooled is not None
+                y = label_vector(c.pooled.float(), c.extra["time_ids"].float())
+            return unet(x, t.to(device), c.context, y)
 
         assert request.guidance_scale is not None  # resolved
         return Denoiser(
@@ -478,6 +554,21 @@ class Pipeline:
             + "; ".join(causes)
         )
 
+    def check_refiner(self, refiner: Pipeline, request: GenerationRequest, masked: bool) -> None:
+        """ValueError unless `refiner` can take over this request's run: an SDXL refiner (or any SDXL model) with
+        this model's latent space and noise schedule, for txt2img or img2img without a mask or hires fix."""
+        if self.family == "sd" or refiner.family == "sd":
+            raise ValueError(
+                f"a refiner continues an SDXL run with an SDXL model; got a {self.family} base and a "
+                f"{refiner.family} refiner"
+            )
+        if masked or request.outpaint is not None or request.hires_scale is not None:
+            raise ValueError("a refiner works with txt2img and img2img; not with a mask, outpainting or hires fix")
+        if refiner.vae.latent_channels != self.vae.latent_channels or not torch.equal(
+            refiner.schedule.alphas_cumprod, self.schedule.alphas_cumprod
+        ):
+            raise ValueError("the refiner has another latent space or noise schedule than the base; it cannot continue")
+
     def final_size(self, request: GenerationRequest) -> tuple[int, int]:
         """(height, width) of the images a resolved request makes (hires fix: the upscaled size)."""
         assert request.height is not None and request.width is not None  # resolved
@@ -498,6 +589,7 @@ class Pipeline:
         output_type: str = "pil",
         progress: bool = True,
         callback: Callable[[dict], None] | None = None,
+        refiner: Pipeline | None = None,
     ):
         """One request through the stages: encode -> plan -> start latents -> sample -> decode.
 
@@ -505,7 +597,8 @@ class Pipeline:
         (image): the VAE's latent of the image noised to the start of the plan's tail. Inpainting (mask, or
         outpaint): the same, with the mask given to a 9-channel U-Net or the known region put back after each
         step for an ordinary one, and the result pasted into the picture (`paste`). `conditioning` (cond,
-        uncond), one row per image, replaces the encoding of the request's prompts."""
+        uncond), one row per image, replaces the encoding of the request's prompts. `refiner`: an SDXL refiner
+        pipeline that samples the plan's steps after `request.refiner_switch` (txt2img and img2img)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if mask is not None and image is None:
@@ -513,11 +606,13 @@ class Pipeline:
         if image is not None:
             image = img2img.as_pil(image, "image")
         request = self.resolve(request, image.size if image is not None else None, masked=mask is not None)
+        if refiner is not None:
+            self.check_refiner(refiner, request, masked=mask is not None)
         self.check_memory(request)
         cond, uncond = self.encode(request) if conditioning is None else conditioning
         inputs = None
         if image is None:
-            latents, noise = self.txt2img_latents(request, cond, uncond, progress=progress, callback=callback)
+            latents, noise = self.txt2img_latents(request, cond, uncond, refiner, progress=progress, callback=callback)
             if request.hires_scale is not None:
                 latents = self.hires_latents(
                     request, cond, uncond, latents, noise, progress=progress, callback=callback
@@ -526,7 +621,7 @@ class Pipeline:
             inputs, notes = img2img.prepare(request, image, mask)
             for note in notes:
                 warnings.warn(note, stacklevel=2)
-            latents = self.img2img_latents(request, cond, uncond, inputs, progress=progress, callback=callback)
+            latents = self.img2img_latents(request, cond, uncond, inputs, refiner, progress=progress, callback=callback)
         self.check_finite(latents, "the sampled latents", request)
         if output_type == "latent":
             return latents
@@ -540,13 +635,50 @@ class Pipeline:
         return [Image.fromarray((a * 255).round().astype("uint8")) for a in decoded]
 
     def txt2img_latents(
-        self, request: GenerationRequest, cond: Conditioning, uncond: Conditioning, **run: Any
+        self,
+        request: GenerationRequest,
+        cond: Conditioning,
+        uncond: Conditioning,
+        refiner: Pipeline | None = None,
+        **run: Any,
     ) -> tuple[torch.Tensor, Noise]:
         """The whole plan sampled from x_T ~ N(0, I) (seed + i per image); the latents and the call's Noise."""
         plan = self.plan(request)
         x, noise = self.initial_noise(request, cond.batch)
         denoiser = self.denoiser(request, cond, uncond)
-        return self.sample(request, denoiser, x * plan.noise_scale, plan, noise, **run), noise
+        x = self.sample_with_refiner(request, denoiser, x * plan.noise_scale, plan, noise, refiner=refiner, **run)
+        return x, noise
+
+    def sample_with_refiner(
+        self,
+        request: GenerationRequest,
+        denoiser: Denoiser,
+        x: torch.Tensor,
+        plan: SamplingPlan,
+        noise: Noise,
+        *,
+        refiner: Pipeline | None = None,
+        **run: Any,
+    ) -> torch.Tensor:
+        """`sample`, or with a refiner the "ensemble of experts" of SDXL: this model samples the plan's steps down
+        to `request.refiner_switch` of the way (diffusers' denoising_end), the refiner the rest of the same plan
+        from the latents reached (its denoising_start), drawing on from the same generators."""
+        if refiner is None:
+            return self.sample(request, denoiser, x, plan, noise, **run)
+        k = switch_step(plan, request.refiner_switch, self.schedule.num_train_timesteps)
+        if k:
+            x = self.sample(request, denoiser, x, plan[:k], noise, **run)
+        return refiner.refine(request, x, plan[k:], noise, **run) if k < len(plan) else x
+
+    def refine(
+        self, request: GenerationRequest, x: torch.Tensor, plan: SamplingPlan, noise: Noise, **run: Any
+    ) -> torch.Tensor:
+        """As the refiner of another model's run: sample `plan` (the end of that run's plan) from its latents x, at
+        the plan's first level, with this model's own conditioning of the request's prompts."""
+        if self.vae.latent_channels != x.shape[1]:
+            raise ValueError(f"the refiner's latents have {self.vae.latent_channels} channels, the base's {x.shape[1]}")
+        cond, uncond = self.encode(request)
+        return self.sample(request, self.denoiser(request, cond, uncond), x, plan, noise, **run)
 
     def encode_image(self, pixels: torch.Tensor, noise: Noise) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> one float32 latent per image of the call, each drawn from the image's
@@ -559,6 +691,7 @@ class Pipeline:
         cond: Conditioning,
         uncond: Conditioning,
         inputs: img2img.ImageInputs,
+        refiner: Pipeline | None = None,
         **run: Any,
     ) -> torch.Tensor:
         """img2img and inpainting: the plan's tail from the image's latents, as diffusers' img2img and inpainting
@@ -590,7 +723,7 @@ class Pipeline:
                 ones = torch.ones((batch, 1, *shape[-2:]), device=device)
                 inputs_9 = (ones, blank.expand(batch, -1, -1, -1))
             denoiser = self.denoiser(request, cond, uncond, inpaint_inputs=inputs_9)
-            return self.sample(request, denoiser, x, plan, noise, **run)
+            return self.sample_with_refiner(request, denoiser, x, plan, noise, refiner=refiner, **run)
         assert inputs.mask is not None
         pixel_mask = torch.from_numpy(inputs.mask)[None, None]
         latent_mask = F.interpolate(pixel_mask, size=shape[-2:]).to(device)  # nearest, as diffusers
@@ -662,7 +795,7 @@ class Pipeline:
         cond = prompt_embeds if isinstance(prompt_embeds, Conditioning) else Conditioning(prompt_embeds)
         if negative_prompt_embeds is None:
             negatives = request.negative_prompts or [""] * cond.batch
-            uncond = self.conditioner.encode(negatives, None, request.clip_skip)[0]
+            uncond = self.encode_prompts([""] * cond.batch, negatives, request.clip_skip)[1]
         elif isinstance(negative_prompt_embeds, Conditioning):
             uncond = negative_prompt_embeds
         else:
@@ -676,7 +809,47 @@ class Pipeline:
             raise ValueError(
                 f"prompt_embeds are {cond.context.shape[-1]} wide, this U-Net takes {self.unet.config.context_dim}"
             )
+        if self.family != "sd" and (cond.pooled is None or uncond.pooled is None):
+            raise ValueError(
+                "an SDXL model also needs the pooled text vectors: pass prompt_embeds (and negative_prompt_embeds) as "
+                "ldm.conditioning.Conditioning(context=..., pooled=...), as diffusers' pooled_prompt_embeds"
+            )
         return cond.repeat_interleave(request.num_images), uncond.repeat_interleave(request.num_images)
+
+
+def switch_step(plan: SamplingPlan, switch: float, num_train_timesteps: int) -> int:
+    """Steps of `plan` the base model takes before the refiner: those at timesteps >= T (1 - switch), as diffusers'
+    denoising_end / denoising_start pick them (0.8 of 25 "leading" steps: the first 20)."""
+    cutoff = int(round(num_train_timesteps - switch * num_train_timesteps))
+    return int((plan.timesteps.float() >= cutoff).sum())
+
+
+def _check_parts(unet: UNet, text_encoder, text_encoder_2) -> None:
+    """The U-Net and the text encoders belong to one model family (ValueError naming what was found)."""
+    config = unet.config
+    if config.adm_in_channels is None:
+        if text_encoder is None or text_encoder_2 is not None:
+            raise ValueError(
+                "an SD1/SD2 U-Net (no added conditioning vector) takes one text encoder (text_encoder), "
+                f"got text_encoder={type(text_encoder).__name__}, text_encoder_2={type(text_encoder_2).__name__}"
+            )
+        return
+    if text_encoder_2 is None:
+        raise ValueError(
+            f"an SDXL U-Net (added vector of {config.adm_in_channels}) needs the OpenCLIP ViT-bigG text encoder "
+            "(text_encoder_2); none was given"
+        )
+    width = text_encoder_2.config.hidden_size + (0 if text_encoder is None else text_encoder.config.hidden_size)
+    if width != config.context_dim:
+        kind = "CLIP-L + bigG" if text_encoder is not None else "bigG only (refiner)"
+        raise ValueError(
+            f"the text encoders ({kind}) give {width}-wide context, this U-Net takes {config.context_dim}: "
+            + (
+                "an SDXL refiner U-Net takes the bigG encoder alone"
+                if text_encoder is not None and text_encoder_2.config.hidden_size == config.context_dim
+                else "an SDXL base U-Net takes both CLIP-L and bigG"
+            )
+        )
 
 
 REQUEST_FIELDS = [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("prompt", "negative_prompt")]

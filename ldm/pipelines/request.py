@@ -78,6 +78,14 @@ class GenerationRequest:
     hires_strength: float = 0.7  # A1111's default denoising strength of the second pass
     hires_steps: int = 0  # steps of the second pass; 0: the same as steps
     hires_upscaler: str = "latent"  # latent (bilinear), latent_nearest, lanczos (on the decoded pixels)
+    # SDXL's added conditioning (other models take none): the size/crop ids, and the refiner's aesthetic scores
+    original_size: tuple[int, int] | None = None  # (height, width) the model is told the picture had; None: the size
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) crop the model is told was taken
+    target_size: tuple[int, int] | None = None  # (height, width); None: the size
+    aesthetic_score: float = 6.0  # refiner: the score conditioning the prompt (diffusers' default)
+    negative_aesthetic_score: float = 2.5  # refiner: the score conditioning the negative prompt
+    # base + refiner ("ensemble of experts"): the fraction of the plan the base samples before the refiner
+    refiner_switch: float = 0.8  # used only when a refiner model is given
 
     def __post_init__(self):
         info, schedule = resolve_name(self.sampler, None if self.schedule == "default" else self.schedule)
@@ -87,8 +95,9 @@ class GenerationRequest:
             object.__setattr__(self, "prompt", tuple(self.prompt))
         if isinstance(self.negative_prompt, list):
             object.__setattr__(self, "negative_prompt", tuple(self.negative_prompt))
-        if isinstance(self.outpaint, list):
-            object.__setattr__(self, "outpaint", tuple(self.outpaint))
+        for name in ("outpaint", "original_size", "crop_top_left", "target_size"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, choices in (
             ("masked_content", MASKED_CONTENT),
             ("inpaint_area", INPAINT_AREAS),
@@ -208,7 +217,24 @@ class GenerationRequest:
                 not _is_int(self.hires_steps) or not 0 <= self.hires_steps <= MAX_STEPS,
                 f"hires_steps must be an integer in 0..{MAX_STEPS} (0: the same as steps), got {self.hires_steps!r}",
             ),
+            (
+                not (finite(self.refiner_switch) and 0 < self.refiner_switch < 1),
+                f"refiner_switch must be in (0, 1) (the fraction of the steps the base model samples), "
+                f"got {self.refiner_switch!r}",
+            ),
         ]
+        for name in ("original_size", "target_size", "crop_top_left"):
+            value = getattr(self, name)
+            low = 0 if name == "crop_top_left" else 1
+            if (value is not None or name == "crop_top_left") and not (
+                isinstance(value, tuple) and len(value) == 2 and all(_is_int(v) and low <= v <= 65536 for v in value)
+            ):
+                raise ValueError(f"{name} must be (height, width) or (top, left): two integers >= {low}, got {value!r}")
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if not (finite(getattr(self, name)) and 0 <= getattr(self, name) <= 10):
+                raise ValueError(
+                    f"{name} must be in 0..10 (the refiner's aesthetic score), got {getattr(self, name)!r}"
+                )
         for bad, message in problems:
             if bad:
                 raise ValueError(message)

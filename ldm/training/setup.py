@@ -370,7 +370,7 @@ def build_models(c: TrainConfig, dataset=None):
         )
     if c.gradient_checkpointing:
         unet.gradient_checkpointing = True
-        if train_te:
+        if train_te and text_encoder is not None:
             text_encoder.gradient_checkpointing_enable()
     return DiffusionModels(
         unet,
