@@ -391,6 +391,10 @@ def save_generated(
     if request.guidance_rescale:
         extra_params["CFG Rescale phi"] = _number(request.guidance_rescale)  # the sd-webui-cfg-rescale key
     extra_params.update(image_parameters(request, masked=bool(settings and "mask_sha256" in settings)))
+    if settings and settings.get("refiner_name"):  # A1111's fields of a base + refiner run
+        digest = str(settings.get("refiner_sha256") or "")[:10]
+        extra_params["Refiner"] = f"{settings['refiner_name']} [{digest}]" if digest else str(settings["refiner_name"])
+        extra_params["Refiner switch at"] = _number(request.refiner_switch)
     parameters = a1111_parameters(
         request.prompt,
         request.negative_prompt if isinstance(request.negative_prompt, str) else None,
@@ -468,6 +472,8 @@ SETTINGS_KEYS = (
     "image_sha256",
     "mask",
     "mask_sha256",
+    "refiner_name",
+    "refiner_sha256",
 )
 # A1111 fields that describe the model or the run, not the image's parameters: read without a note.
 _A1111_INFO_FIELDS = {"Model hash", "Model", "Version", "Lora hashes", "TI hashes", "RNG"}
@@ -610,6 +616,9 @@ _RECORD_NUMBERS = (
     "hires_scale",
     "hires_strength",
     "hires_steps",
+    "refiner_switch",
+    "aesthetic_score",
+    "negative_aesthetic_score",
 )
 
 
@@ -627,6 +636,8 @@ def _record_value_ok(key: str, value: Any) -> bool:
         return isinstance(value, bool)
     if key == "outpaint":
         return isinstance(value, list) and len(value) == 4 and all(type(v) is int for v in value)
+    if key in ("original_size", "crop_top_left", "target_size"):
+        return isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)
     if key in _RECORD_NUMBERS:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, (str, int, float, bool))
@@ -724,6 +735,14 @@ def _from_parameters(path: Path, text: str) -> Generation:
         settings["loras"] = loras
     if d["rng"] is not None:
         settings["rng"] = d["rng"]
+    if "Refiner" in extra:  # "name [hash]", A1111's 10 digits
+        m = re.fullmatch(r"(.*?)\s*(?:\[([0-9a-fA-F]+)\])?", _unquote(extra.pop("Refiner")).strip())
+        assert m is not None  # the pattern matches any text
+        settings["refiner_name"] = m.group(1)
+        if m.group(2):
+            settings["refiner_sha256"] = m.group(2).lower()
+        if "Refiner switch at" in extra:
+            fields["refiner_switch"] = _float(path, "Refiner switch at", extra.pop("Refiner switch at"))
     ignored = [f"{k}: {v}" for k, v in extra.items() if k not in _A1111_INFO_FIELDS]
     return Generation(_request(path, fields), settings, ignored, "parameters")
 

@@ -34,12 +34,14 @@ def tiny_sd2_config(**kw) -> UNetConfig:
     return UNetConfig(**{**base, **kw})
 
 
-# tiny SDXL-like text conditioning: CLIP-L 32 wide + bigG 32 wide (projection 32); 256 features per time id
+# tiny SDXL-like text conditioning: CLIP-L 32 wide + bigG 48 wide (projection 32); 256 features per time id.
+# The two widths differ as in SDXL (768, 1280): diffusers' from_single_file tells the encoders apart by width.
 TINY_XL_POOLED = 32
+TINY_XL_L, TINY_XL_G = 32, 48
 
 
 def tiny_sdxl_config(**kw) -> UNetConfig:
-    """SDXL-base-like: no attention at full resolution, depth 1 then 2 (2 in the middle), 64 = 32+32-wide
+    """SDXL-base-like: no attention at full resolution, depth 1 then 2 (2 in the middle), 80 = 32+48-wide
     context, the added vector of 32 pooled + 6 ids x 256."""
     base = dict(
         model_channels=32,
@@ -47,7 +49,7 @@ def tiny_sdxl_config(**kw) -> UNetConfig:
         attention_levels=(1, 2),
         num_heads=None,
         head_dim=8,
-        context_dim=64,
+        context_dim=TINY_XL_L + TINY_XL_G,
         norm_groups=8,
         use_linear_projection=True,
         transformer_depth=(0, 1, 2),
@@ -57,7 +59,7 @@ def tiny_sdxl_config(**kw) -> UNetConfig:
 
 
 def tiny_refiner_config(**kw) -> UNetConfig:
-    """SDXL-refiner-like: four levels, attention at the middle two (depth 2), bigG-only 32-wide context, the
+    """SDXL-refiner-like: four levels, attention at the middle two (depth 2), bigG-only 48-wide context, the
     added vector of 32 pooled + 5 ids x 256."""
     base = dict(
         model_channels=32,
@@ -65,7 +67,7 @@ def tiny_refiner_config(**kw) -> UNetConfig:
         attention_levels=(1, 2),
         num_heads=None,
         head_dim=8,
-        context_dim=32,
+        context_dim=TINY_XL_G,
         norm_groups=8,
         use_linear_projection=True,
         transformer_depth=2,
@@ -204,11 +206,11 @@ def _tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
     )
     random_weights_(vae, seed=seed + 1, scale=0.8)
 
-    def text_config(act: str) -> CLIPTextConfig:
+    def text_config(act: str, width: int) -> CLIPTextConfig:
         return CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=width,
+            intermediate_size=2 * width,
             num_hidden_layers=3,
             num_attention_heads=4,
             max_position_embeddings=77,
@@ -216,7 +218,7 @@ def _tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
             projection_dim=TINY_XL_POOLED,
         )
 
-    text_encoder_2 = random_weights_(CLIPTextModelWithProjection(text_config("gelu")), seed=seed + 3).eval()
+    text_encoder_2 = random_weights_(CLIPTextModelWithProjection(text_config("gelu", TINY_XL_G)), seed=seed + 3).eval()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -238,7 +240,7 @@ def _tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
             force_zeros_for_empty_prompt=False,
             **parts,
         )
-    text_encoder = random_weights_(CLIPTextModel(text_config("quick_gelu")), seed=seed + 2).eval()
+    text_encoder = random_weights_(CLIPTextModel(text_config("quick_gelu", TINY_XL_L)), seed=seed + 2).eval()
     return StableDiffusionXLPipeline(
         text_encoder=text_encoder,
         tokenizer=load_tokenizer(),

@@ -407,7 +407,7 @@ def _demo_records():
         ("ldm_pipeline", ["guidance_scale"], -1, "guidance_scale=-1 is invalid"),
         ("ldm_pipeline", ["guidance_scale"], 1e30, "guidance_scale=1e\\+30 is invalid"),
         ("ldm_pipeline", ["prediction_type"], "sample_x", "prediction_type='sample_x' is invalid: expected one of"),
-        ("ldm_pipeline", ["text_kind"], "sdxl", "text_kind='sdxl' is invalid"),
+        ("ldm_pipeline", ["text_kind"], "sd3", "text_kind='sd3' is invalid"),
         ("ldm_pipeline", ["pad_token"], 5, "pad_token=5 is invalid"),
         ("ldm_pipeline", ["text_encoder_config", "vocab_size"], 10**12, "vocab_size=1000000000000 is invalid"),
         ("ldm_pipeline", ["text_encoder_config", "vocab_size"], "big", "vocab_size='big' is invalid"),

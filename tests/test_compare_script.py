@@ -95,3 +95,21 @@ def test_pipeline_mode_on_the_demo_model(capsys):
     out = capsys.readouterr().out
     for stage in ("text embeddings", "first U-Net prediction", "final latents", "images (np, [0,1])"):
         assert _stage(out, stage) <= 1e-4, (stage, out)
+
+
+def test_pipeline_mode_img2img(tiny_sd_folder, tmp_path, capsys):
+    """--image: img2img through diffusers' StableDiffusionImg2ImgPipeline; an SD model has no SDXL rows."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[..., 1] = np.linspace(0, 255, 64)[:, None]
+    a[16:48, 8:40] = (220, 40, 30)
+    Image.fromarray(a).save(tmp_path / "in.png")
+    argv = ["--weights", str(tiny_sd_folder), "--prompt", "a red circle", "--image", str(tmp_path / "in.png")]
+    assert compare_diffusers.main([*argv, "--strength", "0.6", "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "(sd, img2img, 64x64" in out and "StableDiffusionImg2ImgPipeline" in out and "strength 0.6" in out
+    for stage in ("text embeddings", "first U-Net prediction", "final latents", "images (np, [0,1])"):
+        assert _stage(out, stage) <= 1e-4, (stage, out)
+    assert "pooled text vector" not in out and "time ids" not in out and ", y (" not in out

@@ -12,8 +12,15 @@ from conftest import TINY_XL_POOLED, diffusers_unet, tiny_refiner_config, tiny_s
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ldm.conditioning import AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, TIME_ID_DIM, Conditioning, SDXLConditioner
-from ldm.conditioning.sdxl import add_time_ids, label_vector
+from ldm.conditioning import Conditioning
+from ldm.conditioning.sdxl import (
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
+    TIME_ID_DIM,
+    SDXLConditioner,
+    add_time_ids,
+    label_vector,
+)
 from ldm.models import clip
 from ldm.models.unet import random_weights_
 

@@ -1,15 +1,21 @@
 #!/usr/bin/env python
 """Run ldm and diffusers on the same weights and inputs; print differences and timings.
 
-U-Net only (no --prompt): one forward of each U-Net on the same latents, timestep and context.
+U-Net only (no --prompt): one forward of each U-Net on the same latents, timestep and context
+(SDXL: and the same added vector of pooled text and size ids).
 Whole pipeline (--prompt): same prompt and seed through ldm.Pipeline and diffusers'
-StableDiffusionPipeline (DDIMScheduler configured like ours): text embeddings, first guided
-U-Net prediction, final latents and images (max abs, PSNR), and the time of each stage.
+StableDiffusionPipeline / StableDiffusionXLPipeline (DDIMScheduler configured like ours): text
+embeddings, for SDXL the pooled text vector, the size/crop time ids and the added vector y, first
+guided U-Net prediction, final latents and images (max abs, PSNR), and the time of each stage.
+--image compares img2img (diffusers' img2img pipelines); the SDXL refiner always runs img2img, of
+--image or else of a synthetic test picture.
 
     python scripts/compare_diffusers.py                          # random SD1.5-size U-Net
     python scripts/compare_diffusers.py --preset sd21 --height 256 --width 256
     python scripts/compare_diffusers.py --weights weights/v1-5-pruned-emaonly.safetensors
     python scripts/compare_diffusers.py --weights weights/sd15.safetensors --prompt "a photo of a cat" --steps 20
+    python scripts/compare_diffusers.py --weights weights/sd_xl_base_1.0.safetensors --prompt "a cat" --steps 20
+    python scripts/compare_diffusers.py --weights weights/sdxl-refiner --prompt "a cat" --image cat.png --strength 0.3
 """
 
 import re
@@ -61,7 +67,47 @@ def _problem(args) -> str | None:
                 f"--{name} {value} must be a multiple of 8 in 8 .. {MAX_SIDE}",
             )
         )
+    problems += _pipeline_flag_problems(args)
     return next((message for bad, message in problems if bad), None)
+
+
+def _pipeline_flag_problems(args) -> list[tuple[bool, str]]:
+    """--image, --strength and --diffusers-config: pipeline mode only, each checked as far as no model is read."""
+    image = Path(args.image) if args.image is not None else None
+    config = Path(args.diffusers_config) if args.diffusers_config is not None else None
+    weights = Path(args.weights) if args.weights is not None else None
+    problems = [
+        (args.prompt is None and value is not None, f"{flag} is for pipeline mode: add --prompt")
+        for flag, value in (
+            ("--image", args.image),
+            ("--strength", args.strength),
+            ("--diffusers-config", args.diffusers_config),
+        )
+    ]
+    return problems + [
+        (
+            image is not None and not image.is_file(),
+            f"--image {args.image}: not found (or not a file); pass a PNG or JPEG picture",
+        ),
+        (
+            args.strength is not None and not 0 < args.strength <= 1,
+            f"--strength {args.strength} must be in (0, 1] (the share of the steps img2img samples)",
+        ),
+        (
+            args.strength is not None and 0 < args.strength <= 1 and int(args.steps * args.strength) < 1,
+            f"--strength {args.strength} of --steps {args.steps} samples no step (img2img samples int(steps x "
+            "strength)); raise --steps or --strength",
+        ),
+        (
+            config is not None and not (config / "model_index.json").is_file(),
+            f"--diffusers-config {args.diffusers_config}: no model_index.json there; pass the diffusers folder of "
+            "the same model (diffusers reads its configs, the file's weights)",
+        ),
+        (
+            config is not None and (weights is None or weights.is_dir()),
+            "--diffusers-config is for a single-file --weights (diffusers reads a folder by itself); leave it out",
+        ),
+    ]
 
 
 def _too_large(args) -> str | None:
@@ -110,6 +156,8 @@ def _unet_report(args) -> int:
     print(f"U-Net: {source}")
     print(f"  config       {ours.config}")
     print(f"  output       {tuple(r['shape'])}  (batch {args.batch}, {height}x{width} image, t={args.timestep})")
+    if r["added_shape"] is not None:
+        print(f"  added y      {tuple(r['added_shape'])}  (random pooled text and the ids of an uncropped image)")
     print(
         f"  max |diff|   {r['max_abs']:.3e}   relative to max |out|: {r['max_rel']:.3e}   "
         f"mean |diff|: {r['mean_abs']:.3e}"
@@ -121,10 +169,33 @@ def _unet_report(args) -> int:
     return 0
 
 
-def _pipeline_report(args) -> int:
-    from ldm.compare import compare_pipelines, pipeline_pair
+# (row, key of its max |diff|, key prefix of its times or None): SDXL's rows are there only for SDXL models
+STAGES = [
+    ("text embeddings", "text_max_abs", "text"),
+    ("pooled text vector", "pooled_max_abs", None),
+    ("time ids", "time_ids_max_abs", None),
+    ("added vector y", "added_max_abs", "added"),
+    ("first U-Net prediction", "unet_max_abs", "unet"),
+    ("final latents", "latents_max_abs", "sample"),
+    ("images (np, [0,1])", "image_max_abs", "decode"),
+]
 
-    ours, theirs = pipeline_pair(args.weights, device=args.device)
+
+def _pipeline_report(args) -> int:
+    from ldm.cli import fail
+    from ldm.compare import compare_pipelines, diffusers_pipeline, load_picture, synthetic_picture
+    from ldm.pipelines.pipeline import Pipeline
+
+    picture = None if args.image is None else load_picture(args.image, args.height, args.width)  # before the models
+    source = args.image
+    ours = Pipeline.from_pretrained(args.weights, device=args.device, dtype="float32")  # bad weights: refused first
+    if picture is None and ours.family == "sdxl_refiner":  # it refines pictures: give it one
+        height, width = args.height or ours.default_size[0], args.width or ours.default_size[1]
+        picture = synthetic_picture(height, width, args.seed)
+        source = "a synthetic test picture (--image FILE for yours)"
+    if picture is None and args.strength is not None:
+        return fail("--strength is for img2img: add --image FILE (or leave --strength out)")
+    theirs = diffusers_pipeline(ours, img2img=picture is not None, diffusers_config=args.diffusers_config)
     r = compare_pipelines(
         ours,
         theirs,
@@ -136,20 +207,27 @@ def _pipeline_report(args) -> int:
         args.height,
         args.width,
         progress=True,
+        image=picture,
+        strength=args.strength,
     )
     h, w = r["size"]
     print(
-        f"Pipeline: {ours.model_path}  ({h}x{w}, {args.steps} DDIM steps, guidance {args.guidance}, seed {args.seed})"
+        f"Pipeline: {ours.model_path}  ({ours.family}, {r['mode']}, {h}x{w}, {args.steps} DDIM steps, "
+        f"guidance {args.guidance}, seed {args.seed}) against diffusers' {type(theirs).__name__}"
     )
-    rows = [
-        ("text embeddings", r["text_max_abs"], "text"),
-        ("first U-Net prediction", r["unet_max_abs"], "unet"),
-        ("final latents", r["latents_max_abs"], "sample"),
-        ("images (np, [0,1])", r["image_max_abs"], "decode"),
-    ]
+    if picture is not None:
+        print(f"  input image: {source}, strength {r['strength']:g}")
+    inputs = r["unet_inputs"]
+    added = "" if inputs["y"] is None else f", y {tuple(inputs['y'])}"
+    print(f"  U-Net step at t={inputs['t']}: x {tuple(inputs['x'])}, context {tuple(inputs['context'])}{added}")
+    if "time_ids" in r:
+        print(f"  time ids: {', '.join(f'{v:g}' for v in r['time_ids'])}")
     print(f"  {'stage':24} {'max |diff|':>11} {'ldm s':>9} {'diffusers s':>12}")
-    for name, diff, key in rows:
-        print(f"  {name:24} {diff:11.3e} {r[key + '_ours_s']:9.3f} {r[key + '_diffusers_s']:12.3f}")
+    for name, diff_key, key in STAGES:
+        if diff_key not in r:
+            continue
+        times = "" if key is None else f" {r[key + '_ours_s']:9.3f} {r[key + '_diffusers_s']:12.3f}"
+        print(f"  {name:24} {r[diff_key]:11.3e}{times}")
     print(f"  image PSNR ldm vs diffusers: {r['image_psnr_db']:.1f} dB")
     return 0
 
@@ -165,6 +243,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--prompt", help="compare the whole pipeline on this prompt (default: U-Net only)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (pipeline mode)")
+    p.add_argument(
+        "--image",
+        default=None,
+        help="compare img2img of this picture (pipeline mode; default: txt2img, and for the SDXL refiner, "
+        "which only refines, a synthetic test picture)",
+    )
+    p.add_argument("--strength", type=float, default=None, help="img2img strength (default: 0.75)")
+    p.add_argument(
+        "--diffusers-config",
+        default=None,
+        help="diffusers folder of the same model: diffusers then reads a single-file --weights whole "
+        "(from_single_file) instead of converting its U-Net and sharing our VAE and text encoders",
+    )
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (pipeline mode)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (pipeline mode)")
     p.add_argument("--device", default=None, help="device for pipeline mode (default: auto)")

@@ -104,6 +104,64 @@ def _outpaint(value: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _size(value: str) -> tuple[int, int]:
+    """--original-size / --target-size WIDTHxHEIGHT (as A1111's Size) -> (height, width)."""
+    m = re.fullmatch(r"(\d+)x(\d+)", value.strip())
+    if not m or 0 in (int(m.group(1)), int(m.group(2))):
+        raise argparse.ArgumentTypeError(f"{value!r} is not WIDTHxHEIGHT in pixels, e.g. 1024x768")
+    return int(m.group(2)), int(m.group(1))
+
+
+def _top_left(value: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+),(\d+)", value.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{value!r} is not TOP,LEFT in pixels, e.g. 0,0")
+    return int(m.group(1)), int(m.group(2))
+
+
+def add_sdxl_arguments(p: argparse.ArgumentParser) -> None:
+    """SDXL's refiner and added conditioning (other models ignore the ids; a refiner needs an SDXL base)."""
+    g = p.add_argument_group("SDXL")
+    g.add_argument(
+        "--refiner",
+        default=None,
+        metavar="FILE",
+        help="an SDXL refiner checkpoint (file or diffusers folder) that samples the last steps (base + refiner)",
+    )
+    g.add_argument(
+        "--refiner-switch",
+        type=float,
+        default=0.8,
+        help="with --refiner: the fraction of the denoising the base model does before the refiner takes over",
+    )
+    g.add_argument(
+        "--aesthetic-score", type=float, default=6.0, help="SDXL refiner: the aesthetic score asked for (0..10)"
+    )
+    g.add_argument(
+        "--negative-aesthetic-score",
+        type=float,
+        default=2.5,
+        help="SDXL refiner: the aesthetic score of the negative prompt",
+    )
+    g.add_argument(
+        "--original-size",
+        type=_size,
+        default=None,
+        metavar="WxH",
+        help="SDXL: the size the model is told the picture had (default: the image size)",
+    )
+    g.add_argument(
+        "--crop-top-left",
+        type=_top_left,
+        default=(0, 0),
+        metavar="TOP,LEFT",
+        help="SDXL: the crop the model is told was taken (0,0: a well-framed picture)",
+    )
+    g.add_argument(
+        "--target-size", type=_size, default=None, metavar="WxH", help="SDXL: the target size (default: the image size)"
+    )
+
+
 def add_image_arguments(p: argparse.ArgumentParser) -> None:
     """img2img's flags: the input image, its mask, and how they are used."""
     from ldm.pipelines.request import DEFAULT_STRENGTH, INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
@@ -274,6 +332,7 @@ def build_parser(mode: str = "txt2img", description: str | None = None) -> argpa
     )
     if mode == "txt2img":
         add_hires_arguments(p)
+    add_sdxl_arguments(p)
     return p
 
 
@@ -292,6 +351,12 @@ REQUEST_FLAGS = {
     "schedule": "schedule",
     "clip_skip": "clip_skip",
     "lora_scale": "lora_scale",
+    "refiner_switch": "refiner_switch",
+    "aesthetic_score": "aesthetic_score",
+    "negative_aesthetic_score": "negative_aesthetic_score",
+    "original_size": "original_size",
+    "crop_top_left": "crop_top_left",
+    "target_size": "target_size",
 }
 IMAGE_FLAGS = {
     "strength": "strength",
@@ -383,6 +448,14 @@ def main(argv=None, mode: str = "txt2img", description: str | None = None) -> in
             "(ldm never downloads: a model hub id must be fetched first)",
         ),
         *[(not Path(f).is_file(), f"--lora {f}: not found; pass a LoRA .safetensors file") for f in args.lora],
+        (
+            args.refiner is not None and not Path(args.refiner).exists(),
+            f"--refiner {args.refiner}: not found; pass a local SDXL refiner checkpoint or diffusers folder",
+        ),
+        (
+            not 0 < args.refiner_switch < 1,
+            f"--refiner-switch {args.refiner_switch} must be in (0, 1) (the base model's share of the steps)",
+        ),
     ]
     if mode == "img2img":
         problems.insert(0, (args.image is None, "--image FILE is required (the picture to start from)"))
@@ -440,6 +513,11 @@ def main(argv=None, mode: str = "txt2img", description: str | None = None) -> in
     if settings.get("mask_sha256") and mask is None:
         return fail(
             f"--from-png {args.from_png} was inpainted with mask {settings.get('mask', '?')}; pass it with --mask FILE"
+        )
+    if settings.get("refiner_sha256") and not args.refiner:
+        return fail(
+            f"--from-png {args.from_png} was made with refiner {settings.get('refiner_name', '?')}; "
+            "pass it with --refiner FILE"
         )
     if settings.get("loras") and not args.lora:
         names = ", ".join(f"{k} ({v})" for k, v in settings["loras"].items())
@@ -503,6 +581,22 @@ def main(argv=None, mode: str = "txt2img", description: str | None = None) -> in
         pipe = Pipeline.from_pretrained(args.weights, device=args.device, dtype=dtype, prediction_type=prediction_type)
     except (ValueError, FileNotFoundError) as e:
         return fail(str(e))
+    refiner = None
+    if pipe.family == "sdxl_refiner" and mode == "txt2img":
+        return fail(
+            f"--weights {args.weights} is an SDXL refiner (bigG text encoder only, aesthetic-score ids): it refines "
+            "a picture; use it as --refiner beside an SDXL base model, or with img2img"
+        )
+    if args.refiner is not None:
+        try:
+            refiner = Pipeline.from_pretrained(args.refiner, device=args.device, dtype=dtype)
+        except (ValueError, FileNotFoundError) as e:
+            return fail(f"--refiner {e}")
+        if refiner.family != "sdxl_refiner":
+            found = "an SDXL base model (two text encoders)" if refiner.family == "sdxl" else "an SD1/SD2 model"
+            return fail(f"--refiner {args.refiner} is {found}, not an SDXL refiner; pass a refiner checkpoint")
+        if pipe.family == "sd":
+            return fail(f"--refiner continues an SDXL run; --weights {pipe.model_name} is an SD1/SD2 model")
     if args.attention_chunk:
         pipe.unet.set_attention_slicing(args.attention_chunk)
     if args.compile:
@@ -530,6 +624,12 @@ def main(argv=None, mode: str = "txt2img", description: str | None = None) -> in
         print(f"seed: {request.seed}", file=sys.stderr)
     model_path = pipe.model_path
     model_hash = file_sha256(model_path) if model_path is not None else None
+    refiner_record = {}
+    if refiner is not None and refiner.model_path is not None:
+        refiner_record = {
+            "refiner_name": model_display_name(refiner.model_path),
+            "refiner_sha256": file_sha256(refiner.model_path),
+        }
     model_name = model_display_name(model_path) if model_path is not None else pipe.model_name
     if generation is not None and settings.get("model_sha256") and model_hash is not None:
         if not model_hash.startswith(str(settings["model_sha256"])):
@@ -575,6 +675,7 @@ def main(argv=None, mode: str = "txt2img", description: str | None = None) -> in
                     mask=mask,
                     output_type="pil",
                     progress=True,
+                    refiner=refiner,
                 )
         except ValueError as e:
             return fail(str(e))
@@ -593,6 +694,7 @@ def main(argv=None, mode: str = "txt2img", description: str | None = None) -> in
                     model_name=model_name,
                     settings={
                         **inputs_record,
+                        **refiner_record,
                         "prediction_type": pipe.schedule.prediction_type,
                         "device": str(pipe.device),
                         "dtype": str(pipe.dtype).removeprefix("torch."),

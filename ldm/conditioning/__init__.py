@@ -109,13 +109,3 @@ class TextConditioner:
         cond, uncond = self.encoder.encode_with_negative(prompts, negative_prompts, clip_skip)
         return Conditioning(cond), Conditioning(uncond)
 
-
-# SDXL (two text encoders, pooled vector, size/crop ids), re-exported; imported last: it builds on Conditioning
-from ldm.conditioning.sdxl import (  # noqa: E402, F401
-    AESTHETIC_SCORE,
-    NEGATIVE_AESTHETIC_SCORE,
-    TIME_ID_DIM,
-    SDXLConditioner,
-    add_time_ids,
-    label_vector,
-)

@@ -292,7 +292,8 @@ def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict
     _check_family(path, kind, unet.config.adm_in_channels)
     if kind in ("sdxl", "sdxl_refiner"):
         # SDXL's VAE has SD's architecture and its own latent scale, which original files do not store
-        vae = load_vae(path, None if stored["vae"] else {"scaling_factor": SDXL_SCALING_FACTOR})
+        scale = None if (stored["vae"] or {}).get("scaling_factor") else {"scaling_factor": SDXL_SCALING_FACTOR}
+        vae = load_vae(path, scale)
         try:
             text_encoder, text_encoder_2 = sdxl_text_encoders_from_single_file(
                 sd, config_l=meta.get(TEXT_ENCODER_CONFIG), config_g=meta.get(TEXT_ENCODER_2_CONFIG)
@@ -354,13 +355,18 @@ def _check_family(path: Path, layout: str, adm_in_channels: int | None) -> None:
         )
 
 
+def _family(pipe) -> str:
+    """The pipeline's model family; "sd" for any object with only SD1/SD2's parts (unet, vae, text_encoder)."""
+    return getattr(pipe, "family", "sd")
+
+
 def single_file_tensors(pipe) -> dict[str, torch.Tensor]:
     """Every tensor of `pipe` under the names of an original checkpoint of its family: `model.diffusion_model.*`,
     `first_stage_model.*`, and the text encoder as SD1 (`cond_stage_model.transformer.text_model.*`) or SD2
     (`cond_stage_model.model.*`, OpenCLIP) has it (ldm.models.clip.text_encoder_to_single_file)."""
     tensors = {UNET_PREFIX + k: v for k, v in pipe.unet.state_dict().items()}
     tensors.update(vae_to_original_state_dict(pipe.vae))
-    if pipe.family != "sd":  # sgm's conditioner.embedders.*
+    if _family(pipe) != "sd":  # sgm's conditioner.embedders.*
         tensors.update(sdxl_text_encoders_to_single_file(pipe.text_encoder, pipe.text_encoder_2))
         return tensors
     if pipe.unet.config.context_dim != pipe.text_encoder.config.hidden_size:
@@ -378,10 +384,10 @@ def write_single_file(pipe, path: str | os.PathLike) -> Path:
         SAMPLE_SIZE: pipe.default_size[0],
         GUIDANCE_SCALE: pipe.default_guidance,
     }
-    if pipe.family == "sd":
+    if _family(pipe) == "sd":
         record[TEXT_KIND] = text_kind(pipe.text_encoder)
     else:
-        record.update({TEXT_KIND: pipe.family, ZERO_EMPTY_NEGATIVE: pipe.zero_empty_negative})
+        record.update({TEXT_KIND: _family(pipe), ZERO_EMPTY_NEGATIVE: pipe.zero_empty_negative})
         record[TEXT_ENCODER_2_CONFIG] = pipe.text_encoder_2.config.to_dict()
     if pipe.text_encoder is not None:
         record[TEXT_ENCODER_CONFIG] = pipe.text_encoder.config.to_dict()
@@ -496,7 +502,7 @@ def write_tokenizer_folder(tokenizer, folder: Path) -> None:
 
 def _sdxl_model_index(pipe) -> dict[str, Any]:
     """model_index.json of an SDXL folder: StableDiffusionXLPipeline's, or the refiner's img2img pipeline."""
-    refiner = pipe.family == "sdxl_refiner"
+    refiner = _family(pipe) == "sdxl_refiner"
     clip = ["transformers", "CLIPTextModel"]
     index: dict[str, Any] = {
         "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
@@ -531,7 +537,7 @@ def write_diffusers_folder(pipe, folder: str | os.PathLike) -> Path:
         if pipe.text_encoder is not None:
             write_text_encoder_folder(pipe.text_encoder, tmp / "text_encoder")
             write_tokenizer_folder(pipe.tokenizer, tmp / "tokenizer")
-        if pipe.family != "sd":
+        if _family(pipe) != "sd":
             write_text_encoder_folder(pipe.text_encoder_2, tmp / "text_encoder_2")
             write_tokenizer_folder(pipe.tokenizer_2, tmp / "tokenizer_2")
         (tmp / "scheduler").mkdir()
@@ -549,7 +555,7 @@ def write_diffusers_folder(pipe, folder: str | os.PathLike) -> Path:
             "feature_extractor": [None, None],
             "requires_safety_checker": False,
         }
-        if pipe.family != "sd":
+        if _family(pipe) != "sd":
             index = _sdxl_model_index(pipe)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

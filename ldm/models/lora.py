@@ -28,7 +28,9 @@ lora_down / lora_up are 1x1 convs, as in kohya files). 3x3 convolutions (LoCon) 
 Files: `save_lora` writes the kohya-ss / AUTOMATIC1111 layout that the SD ecosystem loads
 (`lora_unet_<diffusers module path, dots -> underscores>.lora_down.weight` / `.lora_up.weight` /
 `.alpha`); `load_lora` reads that, its CompVis-name variant (`lora_unet_input_blocks_1_1_...`,
-kohya's SDXL spelling) and the diffusers / PEFT layouts. Text-encoder tensors are skipped with a warning.
+kohya's SDXL spelling) and the diffusers / PEFT layouts, for SD1, SD2 and SDXL U-Nets. Text-encoder
+tensors (`lora_te_`, SDXL's `lora_te1_` / `lora_te2_`, `text_encoder(_2).`) are skipped with a warning. A
+LoRA made for the other family (SDXL on SD1/SD2 or back) is refused in one line saying so.
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ from torch import nn
 
 from ldm.formats.checkpoint import diffusers_key_map, read_state_dict, save_safetensors
 from ldm.formats.metadata import LORA_KEY, UNET_CONFIG_KEY, load_json, safetensors_header
-from ldm.models.unet import UNet
+from ldm.models.unet import UNet, UNetConfig
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+# the text-encoder parts of a LoRA file, by prefix: kohya writes one text encoder for SD1/SD2 and two for SDXL
+TEXT_ENCODER_PARTS = {
+    "lora_te_": "the text encoder",
+    "lora_te1_": "SDXL's CLIP ViT-L",
+    "lora_te2_": "SDXL's OpenCLIP ViT-bigG",
+    "text_encoder.": "the (first) text encoder",
+    "text_encoder_2.": "SDXL's OpenCLIP ViT-bigG",
+}
+TEXT_ENCODER_PREFIXES = tuple(TEXT_ENCODER_PARTS)
 
 
 # A multiplier of every adapter's update for one call (`lora_scale`): per-call state in a context variable,
@@ -346,6 +356,97 @@ def _alpha_ok(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+def _layer_aliases(names: dict[str, str]) -> dict[str, str]:
+    """Every name a LoRA file may give a layer -> our name, from `_diffusers_module_names`.
+
+    Built from the U-Net's real module names, never by splitting a file's key: kohya's underscored
+    `transformer_blocks_10_attn1` or `input_blocks_1_1_` cannot be split back into dotted names without
+    guessing ("10" or "1" + "0"?), but each real layer spells to exactly one underscored string, so an
+    exact lookup resolves them. (Spellings are unique: names differ by more than '.' vs '_'.)
+    """
+    layer_of: dict[str, str] = {}
+    for ours, theirs in names.items():
+        for alias in (
+            "lora_unet_" + theirs.replace(".", "_"),  # kohya, diffusers module paths (SD1/SD2, our files)
+            "lora_unet_" + ours.replace(".", "_"),  # kohya, CompVis / sgm module paths (SDXL)
+            theirs,  # old diffusers
+            "unet." + theirs,  # diffusers / PEFT
+        ):
+            if layer_of.setdefault(alias, ours) != ours:
+                raise AssertionError(f"LoRA key '{alias}' would name both '{layer_of[alias]}' and '{ours}'")
+    return layer_of
+
+
+# Cross-attention width (= the text encoder's) of each released family; a LoRA's to_k / to_v show it
+_CONTEXT_FAMILY = {768: "SD1", 1024: "SD2", 1280: "SDXL refiner", 2048: "SDXL"}
+
+
+def _model_family(config: UNetConfig) -> str:
+    if config.adm_in_channels is not None:  # the added vector y (label_emb): SDXL base or refiner
+        return "SDXL refiner" if config.context_dim == 1280 else "SDXL"
+    return _CONTEXT_FAMILY.get(config.context_dim, "SD1/SD2")
+
+
+def _family_mismatch(path: Path, unet: UNet, sd: dict[str, torch.Tensor], unresolved: list[str]) -> str | None:
+    """The one-line error for a LoRA made for another model family (SDXL on SD1/SD2 or back, SD2 on SD1...),
+    or None when the file shows no sign of one (other misfits get the generic errors).
+
+    Evidence, each a phrase of the message: kohya's text-encoder prefixes (one encoder: lora_te_; SDXL's two:
+    lora_te1_ / lora_te2_), the cross-attention width of to_k / to_v (= the model's context width), and what
+    the layers this U-Net lacks are: deeper transformers (SD1/SD2 have one block) or the added-vector MLP
+    (label_emb) say SDXL; attention at full resolution (input_blocks.1.1, down_blocks.0.attentions) says
+    SD1/SD2. Conflicting evidence names no family.
+    """
+    config = unet.config
+    found: dict[str, bool | None] = {}  # phrase -> says SDXL (True), SD1/SD2 (False), no family (None)
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd):
+        found["lora_te1_/lora_te2_ text-encoder parts"] = True
+    if any(k.startswith("text_encoder_2.") for k in sd):
+        found["text_encoder_2 parts"] = True
+    if any(k.startswith("lora_te_") for k in sd):
+        found["lora_te_ text-encoder parts"] = False
+
+    widths = sorted(
+        {
+            t.shape[1]
+            for key, t in sd.items()
+            if t.ndim >= 2
+            and (m := _PART.match(_normalize_key(key)))
+            and m["part"] in ("lora_down.weight", "lora_A.weight", "lora.down.weight")
+            and re.search(r"attn2[._]to_[kv]$", m["module"])
+        }
+        - {config.context_dim}
+    )
+    width_family = _CONTEXT_FAMILY.get(widths[0]) if widths else None
+    if widths:
+        found[f"{widths[0]}-wide cross-attention"] = None if width_family is None else width_family.startswith("SDXL")
+
+    deepest = -1
+    for name in unresolved:
+        bare = re.sub(r"^(lora_unet_|unet\.)", "", name)
+        if re.match(r"(label_emb|add_embedding)[._]", bare):
+            found["added-vector (label_emb) layers"] = True
+        if m := re.search(r"transformer_blocks[._](\d+)[._]", bare):
+            deepest = max(deepest, int(m[1]))
+        if re.match(r"(input_blocks[._][12][._]1|down_blocks[._]0[._]attentions)[._]", bare):
+            found["attention at full resolution"] = False
+    if deepest >= 1:  # every SD1/SD2 transformer has a single block (transformer_blocks.0)
+        found[f"transformer blocks up to index {deepest}"] = True
+
+    sides = set(found.values()) - {None}
+    if len(sides) != 1:  # no evidence, or conflicting evidence
+        return None
+    is_xl = sides.pop()
+    family = width_family or ("SDXL" if is_xl else "SD1/SD2")
+    model = _model_family(config)
+    if is_xl == model.startswith("SDXL") and width_family is None:  # same family, no other release's width
+        return None
+    return (
+        f"{path}: an {family} LoRA ({', '.join(found)}) for an {model} model "
+        f"({config.context_dim}-wide context); use a LoRA made for this model"
+    )
+
+
 @torch.no_grad()
 def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bool = False) -> list[str]:
     """Apply a LoRA file's U-Net adapters; returns the names of the adapted layers (ours).
@@ -354,8 +455,11 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
     `lora_unet_<CompVis path>`, `.lora_down/.lora_up/.alpha`), diffusers/PEFT
     (`unet.<path>.lora_A/lora_B.weight`, alpha from `lora_adapter_metadata`) and older diffusers
     (`<path>.lora.down/up.weight`, `attn1.processor.to_q_lora.down.weight`). Without a stored alpha,
-    alpha = rank (update scale 1), as kohya and diffusers assume. Text-encoder tensors are skipped
-    with a warning. Strict: an unknown or mis-shaped tensor is a ValueError naming it.
+    alpha = rank (update scale 1), as kohya and diffusers assume. SDXL files name layers the same ways
+    (kohya's SDXL trainer writes the sgm names: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`).
+    Text-encoder tensors (`lora_te_`, `lora_te1_`, `lora_te2_`, `text_encoder.`, `text_encoder_2.`) are
+    skipped with a warning naming them. Strict: a LoRA for another model family (SDXL on SD1/SD2 or back)
+    is a ValueError saying so; an unknown or mis-shaped tensor is one naming it.
 
     merge=False adds LoRALinear adapters (frozen base, trainable adapters; set_lora_scale works);
     merge=True folds scale * alpha/rank * B A into the base weights (irreversible, see merge_lora).
@@ -367,23 +471,20 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
         _, file_meta = safetensors_header(path)
 
     text_keys = [k for k in sd if k.startswith(TEXT_ENCODER_PREFIXES)]
-    if text_keys:
-        warnings.warn(
-            f"{path}: skipped {len(text_keys)} text-encoder LoRA tensors (e.g. '{text_keys[0]}'); only "
-            "the U-Net part of a LoRA is applied — text-encoder LoRA is not supported",
-            stacklevel=2,
-        )
-
     names = _diffusers_module_names(unet)
-    layer_of: dict[str, str] = {}  # every name a file may use for a layer -> our name
-    for ours, theirs in names.items():
-        for alias in (
-            "lora_unet_" + theirs.replace(".", "_"),
-            "lora_unet_" + ours.replace(".", "_"),
-            theirs,
-            "unet." + theirs,
-        ):
-            assert layer_of.setdefault(alias, ours) == ours, alias
+    layer_of = _layer_aliases(names)  # every name a file may use for a layer -> our name
+
+    # a LoRA for another family (SDXL on SD1, ...) is one mistake, not many unknown or mis-shaped tensors
+    unresolved = [
+        m["module"]
+        for key in sd
+        if not key.startswith(TEXT_ENCODER_PREFIXES)
+        and (m := _PART.match(_normalize_key(key)))
+        and m["module"] not in layer_of
+    ]
+    if mismatch := _family_mismatch(path, unet, sd, unresolved):
+        raise ValueError(mismatch)
+
     example = (
         "lora_unet_"
         + next((n for n in names.values() if n.endswith("attn1.to_q")), next(iter(names.values()))).replace(".", "_")
@@ -399,7 +500,7 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
             if layer is None:
                 raise ValueError(
                     f"{path}: tensor '{key}' names no layer of this U-Net (our files use keys like "
-                    f"'{example}'); the LoRA is for another model (SDXL?) or configuration"
+                    f"'{example}'); the LoRA is for another model or configuration"
                 )
             role = "alpha" if m["part"] == "alpha" else "down" if "down" in m["part"] or "_A" in m["part"] else "up"
             parts.setdefault(layer, {})[role] = (key, t)
@@ -411,6 +512,14 @@ def load_lora(unet: UNet, path: str | os.PathLike, scale: float = 1.0, merge: bo
                 "(lora_down/lora_up) on Linear and 1x1-conv layers is"
             )
         raise ValueError(f"{path}: unknown tensor '{key}'; expected LoRA keys like '{example}'")
+    if text_keys:
+        counts = {p: sum(k.startswith(p) for k in text_keys) for p in TEXT_ENCODER_PREFIXES}
+        which = ", ".join(f"{n} {p}* ({TEXT_ENCODER_PARTS[p]})" for p, n in counts.items() if n)
+        warnings.warn(
+            f"{path}: skipped {len(text_keys)} text-encoder LoRA tensors: {which}; only the U-Net part of a "
+            "LoRA is applied — text-encoder LoRA is not supported",
+            stacklevel=2,
+        )
     if not parts:
         raise ValueError(f"{path}: no U-Net LoRA tensors found" + (" (only text-encoder ones)" if text_keys else ""))
 
