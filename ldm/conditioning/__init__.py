@@ -108,4 +108,3 @@ class TextConditioner:
         """(cond, uncond), contexts (B, 77*k, dim) with the same k. negative_prompts None = "" each."""
         cond, uncond = self.encoder.encode_with_negative(prompts, negative_prompts, clip_skip)
         return Conditioning(cond), Conditioning(uncond)
-
