@@ -162,3 +162,57 @@ def test_wrong_models_in_wrong_places_are_refused(
         out,
         "WIDTHxHEIGHT",
     )
+
+
+def test_bad_sdxl_files_and_loras_are_refused(tmp_path, capsys, tiny_sdxl_folder, tiny_sd_folder):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ldm.formats.checkpoint import read_state_dict
+
+    out = tmp_path / "out"
+    full = Pipeline.from_pretrained(tiny_sdxl_folder).save_single_file(tmp_path / "xl.safetensors")
+    with safe_open(str(full), "pt") as f:
+        meta = f.metadata()
+    tensors = {k: v for k, v in read_state_dict(full).items() if not k.startswith("conditioner.embedders.0.")}
+    save_file(tensors, str(tmp_path / "no_clip_l.safetensors"), metadata=meta)
+    _refused(
+        txt2img.main,
+        ["--weights", str(tmp_path / "no_clip_l.safetensors"), "--prompt", PROMPT],
+        capsys,
+        out,
+        "no_clip_l.safetensors",
+        "CLIP ViT-L",
+        "needs both",
+    )
+    # an SDXL LoRA (CLIP-L/bigG parts, 2048-wide cross-attention) on an SD1 model
+    g = torch.Generator().manual_seed(0)
+    lora = {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(
+            4, 2048, generator=g
+        ),
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(32, 4, generator=g),
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(4.0),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(4, 32, generator=g),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(32, 4, generator=g),
+    }
+    save_file(lora, str(tmp_path / "xl_lora.safetensors"))
+    _refused(
+        txt2img.main,
+        [
+            "--weights",
+            str(tiny_sd_folder),
+            "--lora",
+            str(tmp_path / "xl_lora.safetensors"),
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "2",
+        ],
+        capsys,
+        out,
+        "xl_lora.safetensors",
+        "an SDXL LoRA",
+        "SD1",
+    )

@@ -128,7 +128,7 @@ def test_size_and_crop_ids_reach_the_model(base):
     assert float(np.abs(a - plain).max()) > 1e-3
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m_karras"])
 def test_refiner_alone_is_img2img_equal_to_diffusers(refiner, sampler):
     ours, theirs = refiner
     _use(theirs, sampler)

@@ -7,6 +7,9 @@
     # full U-Net fine-tune, resumable
     python scripts/train.py --data my_images --base weights/sd15.safetensors --mode full --lr 1e-5 \\
         --ema-decay 0.999 --save-every 200 --output-dir runs/ft --resume latest
+    # SDXL (a diffusers folder or an sgm single file): each image also conditions on its original size and crop
+    python scripts/train.py --data my_images --base weights/sd_xl_base_1.0.safetensors --mode lora \
+        --resolution 1024 --caption-dropout 0.1 --output-dir runs/xl_lora
     # several processes / GPUs / machines: the same command under accelerate
     accelerate launch --num_processes 2 scripts/train.py --data my_images --base ... --batch-size 8
 
@@ -26,13 +29,15 @@ HELP = {
     "or a Hugging Face datasets name",
     "output_dir": "where checkpoints, logs, validation grids and the final model go",
     "mode": "full: fine-tune the U-Net; lora: LoRA adapters; scratch: new U-Net + text encoder; vae: train the VAE",
-    "base": "checkpoint to start from (single file or diffusers folder); needed by full and lora",
+    "base": "checkpoint to start from (single file or diffusers folder; SD1/SD2 or SDXL, the refiner too); "
+    "needed by full and lora",
     "vae": "scratch: VAE file to train on (e.g. the vae.safetensors of a --mode vae run); full/lora: a VAE that "
     "replaces the base's (same latent space, e.g. a --decoder-only fine-tune), kept in the exported model",
     "unet_config": "scratch: sd15, sd21 or a JSON file of UNetConfig fields",
     "text_config": "scratch: JSON file of CLIPTextConfig fields (default: a small 2-layer, 128-wide CLIP)",
     "vae_config": "vae from scratch: JSON file of AutoencoderKL config fields",
-    "train_text_encoder": "full: also fine-tune the text encoder (scratch trains it unless --freeze-text-encoder)",
+    "train_text_encoder": "full: also fine-tune the text encoder (SD1/SD2 only; scratch trains it unless "
+    "--freeze-text-encoder)",
     "text_encoder_lr": "peak learning rate of the text encoder when it trains (default: --lr)",
     "freeze_text_encoder": "scratch: keep the new text encoder at its random initialization",
     "text_init_std": "scratch: std of the new text encoder's token embeddings (0 = CLIP's 0.02)",
@@ -43,7 +48,9 @@ HELP = {
     "resolution": "training image side, a multiple of 8",
     "center_crop": "center crop (else a random crop per epoch); --no-center-crop for random",
     "random_flip": "horizontal flip with probability 0.5",
-    "caption_dropout": "probability of training on an empty caption (needed for classifier-free guidance)",
+    "caption_dropout": "probability of training on an empty caption (needed for classifier-free guidance; "
+    "SDXL base: an all-zero text conditioning, what its sampling uses for an empty negative prompt)",
+    "aesthetic_score": "an SDXL refiner as --base: the aesthetic score every image is trained with (its 5th id)",
     "shapes_two_objects": "--data shapes: share of two-object scenes (the rest hold one object)",
     "cache": "precompute VAE latents (and text embeddings when the text encoder is frozen): much faster on a CPU",
     "batch_size": "global batch per micro-step, over all processes",

@@ -95,13 +95,15 @@ class SDXLConditioner:
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
         k = max(count_chunks(tokenizer, prompts + negatives) for tokenizer, _ in self.encoders)
-        cond = self._encode(prompts, clip_skip, k)
+        cond = self.encode_chunks(prompts, clip_skip, k)
         if zero_empty_negative and all(n == "" for n in negatives):
             assert cond.pooled is not None
             return cond, Conditioning(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
-        return cond, self._encode(negatives, clip_skip if negative_clip_skip is None else negative_clip_skip, k)
+        return cond, self.encode_chunks(negatives, clip_skip if negative_clip_skip is None else negative_clip_skip, k)
 
-    def _encode(self, prompts: list[str], clip_skip: int, num_chunks: int) -> Conditioning:
+    def encode_chunks(self, prompts: list[str], clip_skip: int, num_chunks: int) -> Conditioning:
+        """The Conditioning of prompts encoded as num_chunks 77-token chunks each (training stacks captions of one
+        chunk count), without the empty-negative rule."""
         device, dtype = self.text_encoder_2.device, self.text_encoder_2.dtype
         layers = min(model.config.num_hidden_layers for _, model in self.encoders)
         if not 1 <= clip_skip < layers:  # at least one layer run

@@ -45,6 +45,7 @@ RESUME_MUST_MATCH = (
     "optimizer",
     "prediction_type",
     "zero_terminal_snr",
+    "aesthetic_score",
 )
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     center_crop: bool = True
     random_flip: bool = False
     caption_dropout: float = 0.0  # probability of an empty caption (for classifier-free guidance)
+    aesthetic_score: float = 6.0  # an SDXL refiner --base: the aesthetic-score id of every item (diffusers' default)
     shapes_two_objects: float = 0.3  # data=shapes: share of two-object scenes
     cache: bool = False  # precompute VAE latents (and text embeddings when the text encoder is frozen)
     batch_size: int = 1  # global batch per micro-step, over all processes
@@ -171,6 +173,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
     "text_encoder_lr": (0.0, 1.0, False, True, "> 0 and at most 1"),
     "text_init_std": (0.0, 10.0, True, True, "in [0, 10] (0 = CLIP's 0.02)"),
     "caption_dropout": (0.0, 1.0, True, True, "in [0, 1]"),
+    "aesthetic_score": (0.0, 10.0, True, True, "in [0, 10] (the LAION aesthetic scale; 6 is usual)"),
     "shapes_two_objects": (0.0, 1.0, True, True, "in [0, 1]"),
     "adam_beta1": (0.0, 1.0, True, False, "in [0, 1)"),
     "adam_beta2": (0.0, 1.0, True, False, "in [0, 1)"),

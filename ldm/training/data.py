@@ -20,9 +20,14 @@ Randomness: an item's crop window, flip and caption dropout come from a generato
 (`EpochSampler`); the global RNG is never touched. A run is therefore reproducible, and resumable
 exactly with `make_dataloader(..., epoch=e, skip_batches=b)`.
 
+Placement: every item also says where its pixels come from (`Placement`): "original_size" (h, w) of
+the picture before any resizing and "crop_top_left" (top, left) of its window in the resized picture
+(mirrored with the flip), the size/crop conditioning SDXL was trained with.
+
 Caching (`cache_latents_and_text`): the VAE latent distribution (mean, std) and the text context
-of every item computed once (both flips when random_flip), optionally stored as safetensors under
-`cache_dir`; training then samples z = mean + std * eps (`sample_latents`) exactly as without caching.
+(SDXL: and pooled vector) of every item computed once (both flips when random_flip), with the
+placements when asked, optionally stored as safetensors under `cache_dir`; training then samples
+z = mean + std * eps (`sample_latents`) exactly as without caching.
 
 Shape notation: R resolution, B batch, C latent channels, h/w latent side (R/8), T context tokens (77*k), D width.
 """
@@ -30,6 +35,7 @@ Shape notation: R resolution, B batch, C latent channels, h/w latent side (R/8),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -276,31 +282,83 @@ def open_image(source: Any, draft_size: int | None = None) -> Image.Image:
 
     draft_size: let JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size (fast).
     """
+    return open_image_and_size(source, draft_size)[0]
+
+
+ORIENTATION = 0x0112  # the EXIF orientation tag
+QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that exif_transpose turns by 90 degrees (width <-> height)
+
+
+def open_image_and_size(source: Any, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`open_image`'s image and the upright (height, width) of the stored picture, before any resizing:
+    a JPEG decoded at reduced scale (draft_size) still reports its full size (SDXL's original_size)."""
     if isinstance(source, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(source))
+        image = to_rgb(ImageOps.exif_transpose(source))
+        return image, (image.height, image.width)
     if isinstance(source, dict):
         source = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source["path"]
     with _strict_truncation(), Image.open(source) as image:
+        w, h = image.size  # before draft() shrinks it
         if draft_size:
             image.draft("RGB", (draft_size, draft_size))
         image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
+        if image.getexif().get(ORIENTATION, 1) in QUARTER_TURNS:  # read after load: PNG keeps EXIF after the pixels
+            w, h = h, w
+        return to_rgb(ImageOps.exif_transpose(image)), (h, w)
+
+
+def crop_box(
+    size: tuple[int, int], resolution: int, crop_at: tuple[float, float] | None = None
+) -> tuple[tuple[int, int], int, int]:
+    """Where `resize_and_crop` cuts an image of `size` (w, h): (resized (w, h), left, top) of its square window,
+    the shorter side resized to `resolution`; centered (crop_at None) or at fractions (u, v) in [0, 1) of the
+    free width and height."""
+    w, h = size
+    scale = resolution / min(w, h)
+    resized = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    free_w, free_h = resized[0] - resolution, resized[1] - resolution
+    if crop_at is None:
+        left, top = free_w // 2, free_h // 2
+    else:
+        left, top = min(int(crop_at[0] * (free_w + 1)), free_w), min(int(crop_at[1] * (free_h + 1)), free_h)
+    return resized, left, top
 
 
 def resize_and_crop(image: Image.Image, resolution: int, crop_at: tuple[float, float] | None = None) -> Image.Image:
     """Shorter side resized to `resolution` (antialiased: Lanczos down, bicubic up), then a square
     crop: centered (crop_at None) or at fractions (u, v) in [0, 1) of the free width and height."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != (w, h):
-        image = image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    free_w, free_h = size[0] - resolution, size[1] - resolution
-    if crop_at is None:
-        left, top = free_w // 2, free_h // 2
-    else:
-        left, top = min(int(crop_at[0] * (free_w + 1)), free_w), min(int(crop_at[1] * (free_h + 1)), free_h)
+    size, left, top = crop_box(image.size, resolution, crop_at)
+    if size != image.size:
+        down = resolution < min(image.size)
+        image = image.resize(size, Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC)
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an item's R x R training pixels come from: what SDXL is conditioned on (sgm's original_size_as_tuple
+    and crop_coords_top_left, recorded alike by kohya's sd-scripts and diffusers' train_text_to_image_sdxl.py).
+
+    original_size (h, w): the picture before any resizing; crop_top_left (top, left): the window's corner in the
+    resized picture (resized_size (h, w)) as the model sees it, i.e. in the mirrored picture for a flipped item;
+    target_size (h, w): the window, the training resolution."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    resized_size: tuple[int, int]
+    target_size: tuple[int, int]
+
+    def mirrored(self) -> Placement:
+        """The same window after a horizontal flip: as far from the right edge as it was from the left."""
+        top, left = self.crop_top_left
+        return dataclasses.replace(self, crop_top_left=(top, self.resized_size[1] - self.target_size[1] - left))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The item entries: "original_size" and "crop_top_left", int64 (2,) each (a batch: (B, 2))."""
+        return {
+            "original_size": torch.tensor(self.original_size, dtype=torch.long),
+            "crop_top_left": torch.tensor(self.crop_top_left, dtype=torch.long),
+        }
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -387,16 +445,28 @@ class CaptionedImageDataset(Dataset):
 
     def pixels(self, index: int, flip: bool = False, crop_at: tuple[float, float] | None = None) -> torch.Tensor:
         """Image `index` resized and cropped (centered unless crop_at), (3, R, R) in [-1, 1]."""
-        image = resize_and_crop(open_image(self.images[index], draft_size=self.resolution), self.resolution, crop_at)
-        pixels = to_tensor(image)
-        return pixels.flip(-1) if flip else pixels
+        return self.load(index, flip, crop_at)[0]
+
+    def load(
+        self, index: int, flip: bool = False, crop_at: tuple[float, float] | None = None
+    ) -> tuple[torch.Tensor, Placement]:
+        """`pixels(index, flip, crop_at)` and where they come from in the picture (`Placement`)."""
+        image, original = open_image_and_size(self.images[index], draft_size=self.resolution)
+        # the window is placed on the decoded image (a JPEG draft may be smaller than the stored picture)
+        resized, left, top = crop_box(image.size, self.resolution, crop_at)
+        R = self.resolution
+        placement = Placement(original, (top, left), (resized[1], resized[0]), (R, R))
+        pixels = to_tensor(resize_and_crop(image, R, crop_at))
+        return (pixels.flip(-1), placement.mirrored()) if flip else (pixels, placement)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """{"pixels", "caption", "index", "original_size", "crop_top_left"} (`Placement.tensors`)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         aug = self.augmentation(index)
-        pixels = self.pixels(index, aug.flip, aug.crop_at if self.crop == "random" else None)
-        return {"pixels": pixels, "caption": "" if aug.drop_caption else self.captions[index], "index": index}
+        pixels, placement = self.load(index, aug.flip, aug.crop_at if self.crop == "random" else None)
+        caption = "" if aug.drop_caption else self.captions[index]
+        return {"pixels": pixels, "caption": caption, "index": index, **placement.tensors()}
 
     def fingerprint(self) -> str:
         """A hash of what the items are made of: files (path, size, mtime), captions, resolution, crop."""
@@ -556,8 +626,10 @@ def sample_latents(
 
 class CachedDataset(Dataset):
     """Precomputed items: {"latent_mean", "latent_std": (C, h, w)} (or {"latents"}),
-    "context": (T, D), "caption": str, "index": int. Flip and caption dropout are chosen per
-    (seed, epoch, index) exactly as in the CaptionedImageDataset it was made from."""
+    "context": (T, D), "caption": str, "index": int; with an SDXL text encoding also "pooled" (P,), and
+    with sizes (`cache_latents_and_text(..., with_sizes=True)`) "original_size" and "crop_top_left" (2,)
+    as the live items have them. Flip and caption dropout are chosen per (seed, epoch, index) exactly as
+    in the CaptionedImageDataset it was made from."""
 
     def __init__(
         self,
@@ -603,22 +675,35 @@ class CachedDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         aug = augmentation(self.seed, self.epoch, index, self.random_flip, self.caption_dropout)
-        item: dict[str, Any] = {k: self.tensors[k][index, int(aug.flip)] for k in self.latent_keys}
+        t = self.tensors
+        item: dict[str, Any] = {k: t[k][index, int(aug.flip)] for k in self.latent_keys}
         if aug.drop_caption:
-            item["context"], item["caption"] = self.tensors["empty_context"], ""
+            item["context"], item["caption"] = t["empty_context"], ""
+            if "pooled" in t:
+                item["pooled"] = t["empty_pooled"]
         else:
-            item["context"] = self.tensors["contexts"][self.tensors["caption_ids"][index]]
+            item["context"] = t["contexts"][t["caption_ids"][index]]
             item["caption"] = self.captions[index]
+            if "pooled" in t:
+                item["pooled"] = t["pooled"][t["caption_ids"][index]]
+        if "original_sizes" in t:
+            item["original_size"] = t["original_sizes"][index]
+            item["crop_top_left"] = t["crop_top_lefts"][index, int(aug.flip)]
         item["index"] = index
         return item
 
 
-def _cache_key(dataset: CaptionedImageDataset, model_id: str, flips: int) -> str:
-    text = json.dumps([CACHE_FORMAT, dataset.fingerprint(), str(model_id), flips])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+SIZE_KEYS = ("original_sizes", "crop_top_lefts")  # a cache's per-item placements (with_sizes)
 
 
-def _load_cache(path: Path, dataset: CaptionedImageDataset) -> dict[str, torch.Tensor] | None:
+def _cache_key(dataset: CaptionedImageDataset, model_id: str, flips: int, with_sizes: bool = False) -> str:
+    parts: list[Any] = [CACHE_FORMAT, dataset.fingerprint(), str(model_id), flips]
+    if with_sizes:  # appended only then: the caches written before sizes existed keep their names and load
+        parts.append("sizes")
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def _load_cache(path: Path, dataset: CaptionedImageDataset, with_sizes: bool = False) -> dict[str, torch.Tensor] | None:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -626,6 +711,8 @@ def _load_cache(path: Path, dataset: CaptionedImageDataset) -> dict[str, torch.T
             meta = f.metadata() or {}
             if meta.get("format") != CACHE_FORMAT or json.loads(meta.get("captions", "null")) != dataset.captions:
                 return None
+            if with_sizes and not set(SIZE_KEYS) <= set(f.keys()):
+                return None  # made without the items' sizes and crops (SDXL needs them): compute again
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError):
         return None  # unreadable or half-written: compute again
@@ -644,28 +731,39 @@ def _save_cache(path: Path, tensors: dict[str, torch.Tensor], captions: list[str
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache under the real name
 
 
+TextEncoding = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # context (B, T, D), or SDXL's (context, pooled)
+
+
+def _text_parts(encoded: TextEncoding) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, pooled or None) of an encode_text result, on the CPU."""
+    context, pooled = encoded if isinstance(encoded, tuple) else (encoded, None)
+    return context.detach().cpu(), None if pooled is None else pooled.detach().cpu()
+
+
 @torch.no_grad()
 def cache_latents_and_text(
     dataset: CaptionedImageDataset,
     encode_images: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
-    encode_text: Callable[[list[str]], torch.Tensor],
+    encode_text: Callable[[list[str]], TextEncoding],
     batch_size: int = 8,
     progress: bool = True,
     *,
     cache_dir: str | os.PathLike | None = None,
     model_id: str | None = None,
+    with_sizes: bool = False,
 ) -> CachedDataset:
     """Every item's latents and text context computed once; the returned CachedDataset replaces
     `dataset` in training (same flips, same caption dropout, same (seed, epoch, index) choices).
 
     encode_images: (B, 3, R, R) in [-1, 1] -> (mean, std) each (B, C, h, w) (`vae_latent_distribution`),
-    or -> latents (B, C, h, w) stored as such. encode_text: B captions -> context (B, T, D); every
-    caption must give the same T (encode with a fixed number of 77-token chunks).
-    With random_flip both the image and its mirror are encoded (a flip of the latent is not the
-    latent of the flip). Random crops cannot be cached.
+    or -> latents (B, C, h, w) stored as such. encode_text: B captions -> context (B, T, D), or SDXL's
+    (context, pooled (B, P)); every caption must give the same T (encode with a fixed number of 77-token
+    chunks). with_sizes: keep each item's original size and crop (`Placement`, per flip), SDXL's size/crop
+    conditioning. With random_flip both the image and its mirror are encoded (a flip of the latent is not
+    the latent of the flip). Random crops cannot be cached.
     cache_dir: store / reuse a safetensors file named by a hash of the files, captions, resolution,
     crop and `model_id` (required with cache_dir: something that changes with the VAE / text encoder,
-    e.g. the weights file's hash).
+    e.g. the weights file's hash). A stored cache without the sizes asked for is computed again.
     """
     from tqdm.auto import tqdm
 
@@ -684,8 +782,8 @@ def cache_latents_and_text(
                 "cache_dir needs model_id: a string that changes with the VAE and text encoder "
                 "(e.g. the weights file's sha256), so a cache made by another model is never reused"
             )
-        path = Path(cache_dir) / f"latents-{_cache_key(dataset, model_id, flips)}.safetensors"
-        tensors = _load_cache(path, dataset) if path.is_file() else None
+        path = Path(cache_dir) / f"latents-{_cache_key(dataset, model_id, flips, with_sizes)}.safetensors"
+        tensors = _load_cache(path, dataset, with_sizes) if path.is_file() else None
         if tensors is not None:
             return CachedDataset.of(dataset, tensors, path=path, from_disk=True)
 
@@ -693,7 +791,8 @@ def cache_latents_and_text(
     parts: dict[str, list[torch.Tensor]] = {}
     with tqdm(total=n, desc="caching latents", unit="img", disable=not progress) as bar:
         for start in range(0, n, batch_size):
-            pixels = torch.stack([dataset.pixels(i) for i in range(start, min(start + batch_size, n))])
+            loaded = [dataset.load(i) for i in range(start, min(start + batch_size, n))]
+            pixels = torch.stack([x for x, _ in loaded])
             per_flip = [encode_images(pixels.flip(-1) if f else pixels) for f in range(flips)]
             outputs: dict[str, list[torch.Tensor]] = {}
             for o in per_flip:
@@ -702,16 +801,22 @@ def cache_latents_and_text(
                     outputs.setdefault("latent_std", []).append(o[1])
                 else:
                     outputs.setdefault("latents", []).append(o)
+            if with_sizes:  # the window of each flip: in a mirrored picture the crop sits elsewhere
+                places = [p for _, p in loaded]
+                outputs["crop_top_lefts"] = [
+                    torch.tensor([(p.mirrored() if f else p).crop_top_left for p in places]) for f in range(flips)
+                ]
+                parts.setdefault("original_sizes", []).append(torch.tensor([p.original_size for p in places]))
             for key, values in outputs.items():
-                stacked = torch.stack([v.detach().cpu() for v in values], 1)  # (B, F, C, h, w)
+                stacked = torch.stack([v.detach().cpu() for v in values], 1)  # (B, F, ...)
                 parts.setdefault(key, []).append(stacked)
             bar.update(len(pixels))
 
     unique = list(dict.fromkeys(dataset.captions))
     ids = {c: i for i, c in enumerate(unique)}
-    contexts = [encode_text(unique[s : s + batch_size]).detach().cpu() for s in range(0, len(unique), batch_size)]
-    empty = encode_text([""]).detach().cpu()[0]
-    lengths = sorted({c.shape[1] for c in contexts} | {empty.shape[0]})
+    texts = [_text_parts(encode_text(unique[s : s + batch_size])) for s in range(0, len(unique), batch_size)]
+    empty, empty_pooled = _text_parts(encode_text([""]))
+    lengths = sorted({c.shape[1] for c, _ in texts} | {empty.shape[1]})
     if len(lengths) > 1:
         raise ValueError(
             f"encode_text gave contexts of {lengths} tokens for different captions; cached contexts "
@@ -719,10 +824,12 @@ def cache_latents_and_text(
         )
     tensors = {k: torch.cat(v) for k, v in parts.items()}
     tensors.update(
-        contexts=torch.cat(contexts),
-        empty_context=empty,
+        contexts=torch.cat([c for c, _ in texts]),
+        empty_context=empty[0],
         caption_ids=torch.tensor([ids[c] for c in dataset.captions], dtype=torch.long),
     )
+    if empty_pooled is not None:  # SDXL: the pooled text vector of each caption too
+        tensors.update(pooled=torch.cat([p for _, p in texts if p is not None]), empty_pooled=empty_pooled[0])
     if path is not None:
         _save_cache(path, tensors, dataset.captions)
     return CachedDataset.of(dataset, tensors, path=path, from_disk=False)

@@ -6,6 +6,8 @@ global batches (with latents and text cached when asked). The loop (ldm.training
 
 full     fine-tune every U-Net weight of --base (VAE and text encoder frozen)
 lora     LoRA adapters on the U-Net attention projections of --base; base weights untouched
+         (both for SD1/SD2 and SDXL bases; SDXL: both text encoders frozen, each item conditioned on its
+         caption's context and pooled vector and on its own size/crop ids, the refiner on --aesthetic-score)
 scratch  a new U-Net (given config) and a new text encoder, trained jointly, on a given VAE
 vae      a diffusers AutoencoderKL (new from a config, or the --base one), reconstruction + KL;
          --decoder-only trains the decoder alone, so the latent space (and a U-Net trained on it) is kept
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -23,6 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ldm.conditioning.sdxl import AESTHETIC_SCORE
 from ldm.models.clip import count_chunks, encode_ids, load_tokenizer, tokenize
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.training import data as d
@@ -56,21 +60,45 @@ def _json_or_dict(value, what: str) -> dict:
 
 class Denoiser(nn.Module):
     """The module accelerate wraps (DDP syncs what requires grad): U-Net, plus the text encoder
-    when it trains. forward(x_t, t, context=None, ids=None): ids are encoded here when given."""
+    when it trains. forward(x_t, t, context=None, ids=None, y=None): ids are encoded here when given;
+    y is an SDXL U-Net's added vector (ldm.conditioning.sdxl.label_vector), None for SD1/SD2."""
 
     def __init__(self, unet, text_encoder=None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
 
-    def forward(self, x, t, context=None, ids=None):
+    def forward(self, x, t, context=None, ids=None, y=None):
         if ids is not None:
             context = encode_ids(self.text_encoder, ids)
-        return self.unet(x, t, context)
+        return self.unet(x, t, context, y)
+
+
+def sdxl_text(
+    conditioner, captions: Sequence[str], num_chunks: int | None = None, zero_empty: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning of training captions: (context (B, 77k, D), pooled (B, P)), k = num_chunks
+    (default: the longest caption's). An empty caption (dropped for unconditional training) is all zeros when
+    `zero_empty` (the base's force_zeros_for_empty_prompt): the unconditional input SDXL was trained with
+    (sgm zeroes dropped embeddings) and that its guidance samples from."""
+    captions = list(captions)
+    k = num_chunks or max(count_chunks(tokenizer, captions) for tokenizer, _ in conditioner.encoders)
+    # the conditioner's per-chunk encoding: a cache stacks the contexts of every caption, so k is fixed here
+    cond = conditioner.encode_chunks(captions, 1, k)
+    context, pooled = cond.context, cond.pooled
+    if zero_empty:
+        empty = torch.tensor([c == "" for c in captions], device=context.device)
+        context, pooled = context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+    return context, pooled
 
 
 class DiffusionModels:
-    """U-Net modes (full, lora, scratch). validation_prompts: the prompts of the validation grid."""
+    """U-Net modes (full, lora, scratch). validation_prompts: the prompts of the validation grid.
+
+    SDXL (an SDXL U-Net, `sdxl` = the base pipeline's text_encoder_2, tokenizer_2, zero_empty_negative and
+    default_guidance): the text encoders stay frozen; each item is conditioned on its caption's context and
+    pooled vector (`sdxl_text`) and on its size/crop ids (`time_ids`); the refiner (text_encoder None) on
+    `aesthetic_score` in place of the target size."""
 
     def __init__(
         self,
@@ -83,23 +111,50 @@ class DiffusionModels:
         lora: bool,
         resolution: int,
         validation_prompts: Sequence[str] = (),
+        *,
+        sdxl: dict[str, Any] | None = None,
+        aesthetic_score: float = AESTHETIC_SCORE,
     ):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.schedule, self.train_te, self.lora, self.resolution = schedule, train_te, lora, resolution
         self.validation_prompts = list(validation_prompts)
+        self.sdxl, self.aesthetic_score = dict(sdxl or {}), float(aesthetic_score)
+        if (unet.config.adm_in_channels is not None) != bool(self.sdxl):
+            raise ValueError("DiffusionModels: an SDXL U-Net needs the sdxl parts (text_encoder_2...), others none")
+        if train_te and self.sdxl:
+            raise ValueError("DiffusionModels: training SDXL's text encoders is not supported")
+        self.conditioner = None
+        if self.sdxl:
+            from ldm.conditioning.sdxl import SDXLConditioner
+
+            self.conditioner = SDXLConditioner(tokenizer, text_encoder, self.sdxl["tokenizer_2"], self.text_encoder_2)
+            self.text_encoder_2.requires_grad_(False).eval()
         self.vae.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(train_te).train(train_te)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(train_te).train(train_te)
         self.unet.train()
         self._module = Denoiser(unet, text_encoder if train_te else None)
+
+    @property
+    def text_encoder_2(self):
+        return self.sdxl.get("text_encoder_2")
+
+    @property
+    def family(self) -> str:
+        """As Pipeline.family: "sd", "sdxl" or "sdxl_refiner"."""
+        if not self.sdxl:
+            return "sd"
+        return "sdxl_refiner" if self.text_encoder is None else "sdxl"
 
     def trainable_named_parameters(self) -> dict[str, nn.Parameter]:
         return {k: p for k, p in self._module.named_parameters() if p.requires_grad}
 
     def to(self, device) -> DiffusionModels:
         """Every module on `device` (accelerate's): the trained one would be moved by `prepare`, but the
-        frozen VAE and text encoder encode each batch there too. A no-op on the CPU."""
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+        frozen VAE and text encoders encode each batch there too. A no-op on the CPU."""
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device)
         return self
 
     def trained_module(self) -> nn.Module:
@@ -110,8 +165,48 @@ class DiffusionModels:
         return d.vae_latent_distribution(self.vae)(pixels)
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str], num_chunks: int | None = None) -> torch.Tensor:
+    def encode_text(self, captions: list[str], num_chunks: int | None = None) -> d.TextEncoding:
+        """The context (B, T, D) of captions; SDXL: (context, pooled) (`sdxl_text`)."""
+        if self.conditioner is not None:
+            return sdxl_text(self.conditioner, captions, num_chunks, self.sdxl.get("zero_empty_negative", True))
         return encode_ids(self.text_encoder, tokenize(self.tokenizer, captions, num_chunks))
+
+    def count_chunks(self, captions: list[str]) -> int:
+        """77-token chunks of the longest caption (over both tokenizers for SDXL)."""
+        if self.conditioner is not None:
+            return max(count_chunks(tokenizer, captions) for tokenizer, _ in self.conditioner.encoders)
+        return count_chunks(self.tokenizer, captions)
+
+    def time_ids(self, batch: dict, n: int) -> torch.Tensor:
+        """SDXL's size/crop ids of the batch's n items, float32 (n, 6): each item's original (h, w) and crop
+        (top, left) (`ldm.training.data.Placement`), then the target (R, R); the refiner's (n, 5) end with the
+        aesthetic score instead. Items that record no placement (procedural data, drawn at R x R, uncropped):
+        original = target, crop (0, 0)."""
+        R = self.resolution
+        if "original_size" in batch:
+            original, crop = batch["original_size"].float(), batch["crop_top_left"].float()
+        else:
+            if "latent_mean" in batch or "latents" in batch:  # cached pictures whose sizes were not kept
+                raise ValueError(
+                    "the cached items have no original sizes and crops, which SDXL is conditioned on; "
+                    "cache with cache_latents_and_text(..., with_sizes=True)"
+                )
+            original, crop = torch.tensor([[R, R]], dtype=torch.float32).expand(n, 2), torch.zeros(n, 2)
+        last = [R, R] if self.family == "sdxl" else [self.aesthetic_score]
+        return torch.cat([original, crop, torch.tensor([last], dtype=torch.float32).expand(n, -1)], dim=1)
+
+    def added_vector(self, batch: dict, pooled: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+        """An SDXL U-Net's y (n, adm_in_channels): the pooled text and the items' size/crop ids; None for SD1/SD2."""
+        if not self.sdxl:
+            return None
+        from ldm.conditioning.sdxl import label_vector
+
+        if pooled is None:
+            raise ValueError(
+                "an SDXL U-Net needs each item's pooled text vector; the batch has a context only "
+                "(a cache made with an SD text encoder?): cache again with this model"
+            )
+        return label_vector(pooled.to(device).float(), self.time_ids(batch, n).to(device))
 
     def loss(self, wrapped, batch: dict, g: torch.Generator, sl: slice, c: TrainConfig) -> torch.Tensor:
         device = next(self.unet.parameters()).device
@@ -121,15 +216,18 @@ class DiffusionModels:
             mean, std = self.encode_images(batch["pixels"])
         # z ~ N(mean, std^2), drawn for the global batch (process-count independent), then sliced
         latents = d.sample_gaussian(mean.to(device), std.to(device), g, c.batch_size, sl)
+        pooled = batch.get("pooled")
         if "context" in batch:
             context, ids = batch["context"].to(device), None
         elif self.train_te:
             context, ids = None, tokenize(self.tokenizer, batch["caption"]).to(device)
         else:
-            context, ids = self.encode_text(batch["caption"]), None
+            encoded, ids = self.encode_text(batch["caption"]), None
+            context, pooled = encoded if isinstance(encoded, tuple) else (encoded, None)
+        y = self.added_vector(batch, pooled, latents.shape[0], device)
 
         def denoise(x_t, t):
-            return wrapped(x_t, t, context=context, ids=ids)
+            return wrapped(x_t, t, context=context, ids=ids, y=y)
 
         return diffusion_loss(denoise, self.schedule, latents, g, sl, c.batch_size, c.snr_gamma, c.offset_noise)
 
@@ -137,7 +235,13 @@ class DiffusionModels:
         from ldm.pipelines.pipeline import Pipeline
 
         pipe = Pipeline(
-            self.unet, self.vae, self.text_encoder, self.tokenizer, self.schedule, (self.resolution, self.resolution)
+            self.unet,
+            self.vae,
+            self.text_encoder,
+            self.tokenizer,
+            self.schedule,
+            (self.resolution, self.resolution),
+            **self.sdxl,
         )
         return pipe
 
@@ -158,9 +262,14 @@ class DiffusionModels:
                         shutil.rmtree(target)
                     files["diffusers"] = str(pipe.save_diffusers(target))
         finally:
-            self.unet.train(was_training)
-            self.text_encoder.train(self.train_te)
+            self._restore_modes(was_training)
         return files
+
+    def _restore_modes(self, unet_training: bool) -> None:
+        """Back to training after a Pipeline (which sets every module to eval) exported or sampled."""
+        self.unet.train(unet_training)
+        if self.text_encoder is not None:
+            self.text_encoder.train(self.train_te)
 
     def validate(self, path: Path, c: TrainConfig) -> str:
         from ldm.training.grid import save_grid
@@ -180,8 +289,7 @@ class DiffusionModels:
                 )
             return str(save_grid(images, path, captions=prompts))
         finally:
-            self.unet.train(was_training)
-            self.text_encoder.train(self.train_te)
+            self._restore_modes(was_training)
 
 
 class VAEModels:
@@ -285,6 +393,7 @@ def build_models(c: TrainConfig, dataset=None):
     """The models of c.mode: VAEModels for vae, else DiffusionModels. dataset (from `load_dataset`):
     where the validation inputs and the VAE's scaling factor come from; without it the models train
     and export, but U-Net modes validate on --validation-prompts only and a new VAE cannot export."""
+    sdxl: dict[str, Any] = {}  # an SDXL base's other parts (DiffusionModels' sdxl)
     if c.mode == "vae":
         from diffusers import AutoencoderKL
 
@@ -310,11 +419,29 @@ def build_models(c: TrainConfig, dataset=None):
             pipe.tokenizer,
             pipe.schedule,
         )
+        train_te = c.train_text_encoder and c.mode == "full"
+        if pipe.family != "sd":
+            if train_te:
+                raise ValueError(
+                    f"--train-text-encoder: {c.base} is an SDXL model ({pipe.family}), whose two text encoders "
+                    "cannot be trained here; drop the flag (the U-Net trains, the text encoders stay frozen)"
+                )
+            sdxl = dict(
+                text_encoder_2=pipe.text_encoder_2,
+                tokenizer_2=pipe.tokenizer_2,
+                zero_empty_negative=pipe.zero_empty_negative,
+                default_guidance=pipe.default_guidance,
+            )
         if c.vae:  # e.g. a decoder fine-tuned with --mode vae --decoder-only; the export carries it
             from ldm.models.vae import load_vae
 
-            vae = load_vae(c.vae)
-        train_te = c.train_text_encoder and c.mode == "full"
+            base_scale, vae = vae.scaling_factor, load_vae(c.vae)
+            if sdxl and vae.scaling_factor != base_scale:
+                # same latent space, same scale: a bare SDXL VAE file stores none and reads as SD's 0.18215
+                note = f"--vae {c.vae}: latent scale {vae.scaling_factor:g}; using the SDXL base's {base_scale:g}"
+                print(note, file=sys.stderr)
+                vae.model.register_to_config(scaling_factor=base_scale)
+                vae.scaling_factor = base_scale
         if c.mode == "lora":
             from ldm.models.lora import add_lora
 
@@ -335,6 +462,11 @@ def build_models(c: TrainConfig, dataset=None):
             unet_config = UNetConfig.from_dict(_json_or_dict(c.unet_config, "unet_config"))
         else:
             raise ValueError("mode scratch needs --unet-config (sd15, sd21 or a JSON file of UNetConfig fields)")
+        if unet_config.adm_in_channels is not None:
+            raise ValueError(
+                f"--unet-config {c.unet_config}: an SDXL-like U-Net (adm_in_channels); mode scratch builds "
+                "SD1/SD2-like models (one text encoder): drop adm_in_channels, or fine-tune an SDXL --base"
+            )
         text_fields = _json_or_dict(c.text_config, "text_config") if c.text_config else DEFAULT_SCRATCH_TEXT
         text_config = CLIPTextConfig(**text_fields)
         if text_config.hidden_size != unet_config.context_dim:
@@ -382,6 +514,8 @@ def build_models(c: TrainConfig, dataset=None):
         c.mode == "lora",
         c.resolution,
         validation_prompts(c, dataset),
+        sdxl=sdxl,
+        aesthetic_score=c.aesthetic_score,
     )
 
 
@@ -486,12 +620,13 @@ def build_data(c: TrainConfig, models: DiffusionModels | VAEModels, dataset, mai
                 "--cache with a trained text encoder: only latents could be cached; train without "
                 "--cache or freeze the text encoder"
             )
-        k = count_chunks(models.tokenizer, list(dataset.captions))  # one context length for every cached item
+        k = models.count_chunks(list(dataset.captions))  # one context length for every cached item
         dataset = d.cache_latents_and_text(
             dataset,
             models.encode_images,
             lambda caps: models.encode_text(caps, num_chunks=k),
             batch_size=8,
             progress=main,
+            with_sizes=models.family != "sd",  # SDXL's size/crop ids
         )
     return Data(dataset, c.batch_size, c.seed, c.num_workers)
