@@ -99,10 +99,27 @@ def tiny_unet():
 # ------------------------------------------------------------------ tiny whole pipelines (diffusers folders)
 
 
+def _tiny_vae(seed: int, scaling_factor: float):
+    """A tiny random AutoencoderKL: SD's architecture (4 levels, 4 latent channels) at 8-16 channels."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+    return random_weights_(vae, seed=seed, scale=0.8)
+
+
 def _tiny_diffusers_pipeline(kind: str, seed: int = 0):
     """A tiny random StableDiffusionPipeline: SD1-like (epsilon, conv proj, pad <|endoftext|>) or
     SD2-like (v-prediction, linear proj, 8-wide heads, pad "!"). 64x64 images, 8x8 latents."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ldm.models.clip import load_tokenizer
@@ -112,17 +129,7 @@ def _tiny_diffusers_pipeline(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     unet = diffusers_unet(config, random_weights_(UNet(config), seed=seed).state_dict())
     unet.register_to_config(sample_size=8)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
-    random_weights_(vae, seed=seed + 1, scale=0.8)
+    vae = _tiny_vae(seed + 1, scaling_factor=0.18215)
     text_config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=32,
@@ -180,7 +187,6 @@ def _tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
     or a refiner-like StableDiffusionXLImg2ImgPipeline ("refiner": the bigG-like one only, aesthetic-score ids).
     SDXL's VAE scale 0.13025 and scheduler (EulerDiscrete, leading, steps_offset 1); 64x64 images."""
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLPipeline,
@@ -194,17 +200,7 @@ def _tiny_sdxl_pipeline(kind: str = "sdxl", seed: int = 0):
     torch.manual_seed(seed)
     unet = diffusers_unet(config, random_weights_(UNet(config), seed=seed).state_dict())
     unet.register_to_config(sample_size=8)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-    )
-    random_weights_(vae, seed=seed + 1, scale=0.8)
+    vae = _tiny_vae(seed + 1, scaling_factor=0.13025)  # SDXL's latent scale
 
     def text_config(act: str, width: int) -> CLIPTextConfig:
         return CLIPTextConfig(

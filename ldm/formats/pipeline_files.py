@@ -290,6 +290,7 @@ def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict
     # (an SD2-like one with hidden_act "gelu"): the stored kind names the layout, the config the model
     kind = meta.get(TEXT_KIND) or detect_text_layout(sd)
     _check_family(path, kind, unet.config.adm_in_channels)
+    text: dict[str, Any]
     if kind in ("sdxl", "sdxl_refiner"):
         # SDXL's VAE has SD's architecture and its own latent scale, which original files do not store
         scale = None if (stored["vae"] or {}).get("scaling_factor") else {"scaling_factor": SDXL_SCALING_FACTOR}
@@ -300,43 +301,37 @@ def read_single_file(path: Path, prediction_type: str | None, ema: bool) -> dict
             )
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        del sd
-        tokenizer = None if text_encoder is None else load_tokenizer(pad_token=meta.get(PAD_TOKEN))
-        side = meta.get(SAMPLE_SIZE) or SDXL_SIDE
-        guidance = meta.get(GUIDANCE_SCALE)
-        return dict(
-            unet=unet,
-            vae=vae,
+        text = dict(
             text_encoder=text_encoder,
-            tokenizer=tokenizer,
+            tokenizer=None if text_encoder is None else load_tokenizer(pad_token=meta.get(PAD_TOKEN)),
             text_encoder_2=text_encoder_2,
             tokenizer_2=load_tokenizer(pad_token=SDXL_PAD_TOKEN_2),
-            schedule=_schedule(meta.get(SCHEDULER), prediction_type or meta.get(PREDICTION_TYPE)),
-            default_size=(side, side),
-            model_path=path,
-            default_guidance=SDXL_GUIDANCE if guidance is None else guidance,
             zero_empty_negative=meta.get(ZERO_EMPTY_NEGATIVE, True),
         )
-    vae = load_vae(path)
-    text_encoder = text_encoder_from_single_file(sd, kind, config=meta.get(TEXT_ENCODER_CONFIG))
+        prediction_type = prediction_type or meta.get(PREDICTION_TYPE) or "epsilon"
+        default_side, default_guidance = SDXL_SIDE, SDXL_GUIDANCE
+    else:
+        vae = load_vae(path)
+        text_encoder = text_encoder_from_single_file(sd, kind, config=meta.get(TEXT_ENCODER_CONFIG))
+        pad = meta.get(PAD_TOKEN) or ("!" if kind == "sd2" else None)
+        text = dict(text_encoder=text_encoder, tokenizer=load_tokenizer(pad_token=pad))
+        sd2 = kind == "sd2"
+        prediction_type = prediction_type or meta.get(PREDICTION_TYPE) or ("v_prediction" if sd2 else "epsilon")
+        default_side = 768 if sd2 and prediction_type == "v_prediction" else 512
+        default_guidance = 7.5
     del sd
-    pad = meta.get(PAD_TOKEN) or ("!" if kind == "sd2" else None)
-    tokenizer = load_tokenizer(pad_token=pad)
-    sd2 = kind == "sd2"
-    prediction_type = prediction_type or meta.get(PREDICTION_TYPE) or ("v_prediction" if sd2 else "epsilon")
     # save_single_file stores the schedule; other single files (and ours saved before) hold SD's
     schedule = _schedule(meta.get(SCHEDULER), prediction_type)
-    side = meta.get(SAMPLE_SIZE) or (768 if sd2 and prediction_type == "v_prediction" else 512)
+    side = meta.get(SAMPLE_SIZE) or default_side
     guidance = meta.get(GUIDANCE_SCALE)
     return dict(
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        **text,
         schedule=schedule,
         default_size=(side, side),
         model_path=path,
-        default_guidance=7.5 if guidance is None else guidance,
+        default_guidance=default_guidance if guidance is None else guidance,
     )
 
 
