@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.conditioning import Conditioning, TextConditioner
+from ldm.conditioning.sdxl import SDXLConditioner, add_time_ids, label_vector
 from ldm.formats.pipeline_files import (
     read_diffusers_folder,
     read_single_file,
@@ -171,8 +172,6 @@ class Pipeline:
             if self.family == "sd":
                 self._conditioner = TextConditioner(self.tokenizer, self.text_encoder)
             else:
-                from ldm.conditioning.sdxl import SDXLConditioner
-
                 self._conditioner = SDXLConditioner(*parts)
             self._conditioner_parts = parts
         return self._conditioner
@@ -412,8 +411,6 @@ class Pipeline:
         ids of its own size and model."""
         if self.family == "sd":
             return cond, uncond
-        from ldm.conditioning.sdxl import add_time_ids
-
         assert request.height is not None and request.width is not None  # resolved
         size = (request.height, request.width)
         original, target = request.original_size or size, request.target_size or size
@@ -450,8 +447,6 @@ class Pipeline:
                 x = torch.cat([x, *extra], dim=1)
             y = None
             if added:  # SDXL's added vector: pooled text and the ids' sinusoidal features
-                from ldm.conditioning.sdxl import label_vector
-
                 assert c.pooled is not None
                 y = label_vector(c.pooled.float(), c.extra["time_ids"].float())
             return unet(x, t.to(device), c.context, y)
